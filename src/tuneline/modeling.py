@@ -1,0 +1,239 @@
+"""The one model loader: every model and tokenizer in tuneline is loaded here.
+
+Rules (DESIGN.md, "The model loader"):
+
+- ``format: completion`` (base models): the tokenizer's chat template is removed, prompts
+  are encoded with ``add_special_tokens=False`` and :meth:`Loaded.encode` refuses any
+  prompt whose token ids contain a chat special token (checked by id, not by string).
+- ``format: chat``: the tokenizer's own template is applied exactly once, here.
+- Safetensors only; ``trust_remote_code`` is never set; pickle checkpoints and configs
+  that need custom code are refused.
+- ``quantization: nf4`` uses bitsandbytes on CUDA and is a clear error elsewhere.
+- ``dtype: auto`` is bfloat16 on CUDA and float32 on CPU.
+- Adapters are applied on top of one loaded base and switched or disabled without
+  reloading the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuneline.errors import InputError, TunelineError
+from tuneline.params import ModelParams
+from tuneline.provenance import library_versions, sha256_path
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def resolve_device(spec: ModelParams) -> str:
+    import torch
+
+    if spec.device == "cpu":
+        return "cpu"
+    if spec.device == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("model.device: 'cuda' requested but no CUDA device is available (use 'auto' or 'cpu')")
+        return "cuda"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(spec: ModelParams, device: str) -> Any:
+    import torch
+
+    if spec.dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, spec.dtype)
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Refuse anything but a local safetensors checkpoint without custom code."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: model directory not found (run `tuneline base` / `dvc repro base` first)")
+    config = path / "config.json"
+    if not config.is_file():
+        raise InputError(f"{path}: no config.json; expected a Hugging Face model directory")
+    try:
+        config_data = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{config}: invalid JSON: {exc}") from exc
+    if "auto_map" in config_data:
+        raise InputError(
+            f"{config}: 'auto_map' asks for custom model code ({sorted(config_data['auto_map'])}); "
+            "tuneline never runs code from a model repository (trust_remote_code is never set)"
+        )
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        found = f"; found pickle files {pickles}, which tuneline refuses to load" if pickles else ""
+        raise InputError(f"{path}: no *.safetensors weights{found}; convert the checkpoint to safetensors")
+    return path
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise InputError(f"{path}: not an adapter directory (no adapter_config.json); run the stage that makes it")
+    if not (path / "adapter_model.safetensors").is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        found = f"; found pickle files {pickles}, which tuneline refuses to load" if pickles else ""
+        raise InputError(f"{path}: no adapter_model.safetensors{found}")
+    return path
+
+
+def chat_special_ids(tokenizer: Any) -> set[int]:
+    """Ids of every special token the tokenizer knows (chat markers, bos/eos/pad...)."""
+    ids = set(tokenizer.all_special_ids)
+    for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if added.special:
+            ids.add(int(token_id))
+    return ids
+
+
+def load_tokenizer(path: str | Path, fmt: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if fmt == "completion":
+        tokenizer.chat_template = None
+    elif not tokenizer.chat_template:
+        raise InputError(f"{path}: model.format is 'chat' but the tokenizer has no chat template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    provenance: dict[str, Any]
+    format: str
+    device: str
+    adapters: dict[str, str] = field(default_factory=dict)
+
+    def render_ids(self, prompt: str | Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of one prompt in this model's format (sentinel-checked)."""
+        if self.format == "chat":
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not isinstance(prompt, str):
+            raise InputError("model.format is 'completion' but a prompt is a message list; use a text prompt")
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        check_no_special(self.tokenizer, ids, prompt)
+        return ids
+
+    def encode(self, prompts: Sequence[str | Sequence[dict[str, str]]]) -> list[list[int]]:
+        return [self.render_ids(p) for p in prompts]
+
+    def attach_adapter(self, path: str | Path, name: str) -> None:
+        """Load an adapter on top of the base (the base is not reloaded)."""
+        from peft import PeftModel
+
+        path = check_adapter_dir(path)
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+        self.adapters[name] = sha256_path(path)
+        self.provenance["adapters"] = dict(self.adapters)
+
+    @contextlib.contextmanager
+    def using(self, name: str | None) -> Iterator[Any]:
+        """Run with adapter ``name`` active, or with every adapter disabled (None)."""
+        if name is None:
+            if self.adapters:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                yield self.model
+            return
+        if name not in self.adapters:
+            raise TunelineError(f"adapter {name!r} is not attached (attached: {sorted(self.adapters)})")
+        self.model.set_adapter(name)
+        yield self.model
+
+
+def check_no_special(tokenizer: Any, ids: Sequence[int], text: str) -> None:
+    """Refuse a completion-format prompt that encodes a chat special token."""
+    special = chat_special_ids(tokenizer)
+    hits = sorted({i for i in ids if i in special})
+    if hits:
+        names = [tokenizer.convert_ids_to_tokens(i) for i in hits]
+        preview = text if len(text) <= 80 else text[:77] + "..."
+        raise InputError(
+            f"prompt {preview!r} encodes chat special token(s) {names} (ids {hits}); "
+            "completion-format prompts must not contain chat markers (model.format: completion)"
+        )
+
+
+def base_content_hash(path: Path) -> str:
+    """The base's content hash, from its provenance.json when the base stage wrote one."""
+    prov = path / "provenance.json"
+    if prov.is_file():
+        data = json.loads(prov.read_text(encoding="utf-8"))
+        if isinstance(data.get("content_sha256"), str):
+            return data["content_sha256"]
+    return sha256_path(path)
+
+
+def load(
+    path: str | Path,
+    spec: ModelParams | None = None,
+    *,
+    adapter: str | Path | None = None,
+    adapter_name: str = "default",
+) -> Loaded:
+    """Load the base model at ``path`` (and optionally one adapter on top of it)."""
+    spec = spec or ModelParams()
+    path = check_model_dir(path)
+    device = resolve_device(spec)
+    dtype = resolve_dtype(spec, device)
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "use_safetensors": True,
+        "attn_implementation": spec.attn_implementation,
+    }
+    if spec.quantization == "nf4":
+        if device != "cuda":
+            raise InputError("model.quantization: 'nf4' needs CUDA (bitsandbytes); this machine has none (use 'none')")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise InputError("model.quantization: 'nf4' needs bitsandbytes: pip install 'tuneline[gpu]'") from exc
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": 0}
+    tokenizer = load_tokenizer(path, spec.format)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if spec.quantization != "nf4":
+        model.to(device)
+    model.eval()
+    provenance = {
+        "model": str(path),
+        "content_sha256": base_content_hash(path),
+        "format": spec.format,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        "quantization": spec.quantization,
+        "adapters": {},
+        "versions": library_versions(),
+    }
+    loaded = Loaded(model=model, tokenizer=tokenizer, provenance=provenance, format=spec.format, device=device)
+    if adapter is not None:
+        loaded.attach_adapter(adapter, adapter_name)
+    return loaded

@@ -1,0 +1,395 @@
+"""Typed, frozen, strict params: one section per stage plus shared ``seed``, ``paths``,
+``model`` and ``compute``.
+
+``load_params`` reads ``params.yaml`` and reports every problem at once, each as
+``<param path>: <value> — <what is allowed>``, raising :class:`ParamsError` (exit 2)
+before anything heavy is imported or any model is loaded.
+
+Trainer and LoRA settings that TRL and peft type themselves are passed through
+(``sft.trainer``, ``sft.lora.extra``) and checked against the fields those libraries
+declare, rather than re-declared here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+from tuneline.errors import InputError
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsParams(Section):
+    seed_dir: str = "data/seed"
+    schema_file: str = "data/seed/contract.schema.json"
+    probe_suite: str = "data/seed/probe_suite.jsonl"
+    generated: str = "data/generated"
+    clean: str = "data/clean"
+    pairs: str = "data/pairs"
+    base_model: str = "models/base"
+    sft_model: str = "models/sft"
+    dpo_model: str = "models/dpo"
+    checkpoints: str = "models/checkpoints"
+    metrics: str = "metrics"
+    reports: str = "reports"
+
+
+class ModelParams(Section):
+    """How every stage loads the materialized base model (``paths.base_model``)."""
+
+    format: Literal["completion", "chat"] = "completion"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "nf4"] = "none"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _nf4_needs_cuda(self) -> ModelParams:
+        if self.quantization == "nf4" and self.device == "cpu":
+            raise ValueError("quantization 'nf4' needs CUDA (bitsandbytes); with device 'cpu' use quantization 'none'")
+        if self.quantization == "nf4" and self.dtype == "float32":
+            raise ValueError("quantization 'nf4' computes in bfloat16/float16; dtype 'float32' is not allowed with it")
+        return self
+
+
+class BaseParams(Section):
+    """Where the base model comes from: the embedded model, a local directory or a hub id."""
+
+    source: str = "smollm2-135m"
+    revision: str | None = None
+    allow_download: bool = False
+
+
+class ComputeParams(Section):
+    num_processes: PositiveInt = 1
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+
+
+class LoraParams(Section):
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    target_modules: str | list[str] = "all-linear"
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class TemplateSourceParams(Section):
+    enabled: bool = True
+    max_records: PositiveInt | None = None
+
+
+class TeacherSourceParams(Section):
+    enabled: bool = False
+    model: str | None = None  # None: paths.base_model
+    shots: NonNegativeInt = 2
+    n_samples: PositiveInt = 1
+    temperature: NonNegativeFloat = 0.7
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    max_new_tokens: PositiveInt = 384
+    batch_size: PositiveInt = 8
+    max_prompts: PositiveInt | None = 32
+    max_records: PositiveInt | None = None
+
+
+class ImportSourceParams(Section):
+    enabled: bool = False
+    path: str | None = None
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "preference"] = "auto"
+    max_records: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _path_when_enabled(self) -> ImportSourceParams:
+        if self.enabled and not self.path:
+            raise ValueError("import source is enabled but 'path' is not set")
+        return self
+
+
+class GenerateSources(Section):
+    template: TemplateSourceParams = TemplateSourceParams()
+    teacher: TeacherSourceParams = TeacherSourceParams()
+    imported: ImportSourceParams = Field(default=ImportSourceParams(), alias="import")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class GenerateParams(Section):
+    sources: GenerateSources = GenerateSources()
+
+
+class CleanParams(Section):
+    val_fraction: Fraction = 0.1
+    over_length: Literal["drop", "truncate", "raise"] = "drop"
+    near_duplicate_jaccard: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    ngram: PositiveInt = 3
+    leakage_jaccard: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
+    exclude_probe_destinations: bool = True
+    min_kept: PositiveInt = 50
+    max_rejected_fraction: Probability = 0.5
+
+
+class SftParams(Section):
+    max_seq_len: PositiveInt = 384
+    num_epochs: PositiveFloat = 2.0
+    learning_rate: NonNegativeFloat = 2e-4
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    per_device_batch_size: PositiveInt = 8
+    gradient_accumulation_steps: PositiveInt = 1
+    weight_decay: NonNegativeFloat = 0.0
+    max_grad_norm: PositiveFloat = 1.0
+    gradient_checkpointing: bool = False
+    padding_free: bool = False
+    packing: bool = False
+    logging_steps: PositiveInt = 5
+    save_steps: PositiveInt = 50
+    eval_each_epoch: bool = True
+    min_optimizer_steps: NonNegativeInt = 50
+    strict_plan: bool = False
+    max_records: PositiveInt | None = None
+    lora: LoraParams = LoraParams()
+    trainer: dict[str, Any] = Field(default_factory=dict)
+
+
+class PairsParams(Section):
+    strategies: list[
+        Literal["drop_field", "array_root", "truncate", "invalid_json", "off_topic", "wrong_payload_type"]
+    ] = ["drop_field", "array_root", "truncate", "invalid_json", "off_topic", "wrong_payload_type"]
+    negatives_per_record: PositiveInt = 1
+    max_records: PositiveInt | None = None
+    on_policy: bool = False
+    on_policy_k: Annotated[int, Field(ge=2)] = 4
+    on_policy_max_prompts: PositiveInt = 32
+    on_policy_temperature: PositiveFloat = 0.8
+    on_policy_top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    on_policy_max_new_tokens: PositiveInt = 320
+    on_policy_batch_size: PositiveInt = 8
+    include_imported: bool = True
+
+
+class DpoParams(Section):
+    beta: PositiveFloat = 0.1
+    loss_type: str = "sigmoid"
+    num_epochs: PositiveFloat = 1.0
+    learning_rate: NonNegativeFloat = 5e-5
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    per_device_batch_size: PositiveInt = 4
+    gradient_accumulation_steps: PositiveInt = 2
+    max_length: PositiveInt = 448
+    precompute_ref_log_probs: bool = True
+    gradient_checkpointing: bool = False
+    logging_steps: PositiveInt = 5
+    save_steps: PositiveInt = 50
+    min_optimizer_steps: NonNegativeInt = 20
+    strict_plan: bool = False
+    max_pairs: PositiveInt | None = None
+    lora: LoraParams = LoraParams()
+    trainer: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProbeParams(Section):
+    suite: str | None = None  # None: paths.probe_suite
+    models: dict[str, str | None] = Field(
+        default_factory=lambda: {"base": None, "sft": "models/sft", "dpo": "models/dpo"}
+    )
+    limit: PositiveInt | None = 60
+    batch_size: PositiveInt = 16
+    max_new_tokens: PositiveInt = 320
+    do_sample: bool = False
+    temperature: PositiveFloat = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+
+
+class CompareParams(Section):
+    baseline: str = "base"
+    pairs: list[tuple[str, str]] = Field(default_factory=lambda: [("sft", "dpo")])
+    n_resamples: Annotated[int, Field(ge=1000)] = 2000
+    confidence: Fraction = 0.95
+
+
+class ArchiveParams(Section):
+    keep: list[str] = Field(
+        default_factory=lambda: [
+            "src/**", "tests/**", "docs/**", "bench/**", "README*", "LICENSE*", "BENCHMARKS.md",
+            "pyproject.toml", "Makefile", ".ci/**", ".dvc/**", ".dvcignore", ".gitignore",
+            "dvc.yaml", "dvc.lock", "params.yaml", ".github/**", "archive/**",
+        ]
+    )
+
+
+class Params(Section):
+    seed: NonNegativeInt = 0
+    paths: PathsParams = PathsParams()
+    model: ModelParams = ModelParams()
+    compute: ComputeParams = ComputeParams()
+    base: BaseParams = BaseParams()
+    generate: GenerateParams = GenerateParams()
+    clean: CleanParams = CleanParams()
+    sft: SftParams = SftParams()
+    pairs: PairsParams = PairsParams()
+    dpo: DpoParams = DpoParams()
+    probe: ProbeParams = ProbeParams()
+    compare: CompareParams = CompareParams()
+    archive: ArchiveParams = ArchiveParams()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        problems = []
+        names = set(self.probe.models)
+        if self.compare.baseline not in names:
+            problems.append(
+                f"compare.baseline: {self.compare.baseline!r} is not a probe model (allowed: {sorted(names)})"
+            )
+        for i, pair in enumerate(self.compare.pairs):
+            for name in pair:
+                if name not in names:
+                    problems.append(f"compare.pairs[{i}]: {name!r} is not a probe model (allowed: {sorted(names)})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def probe_suite(self) -> str:
+        return self.probe.suite or self.paths.probe_suite
+
+
+class ParamsError(InputError):
+    """Every problem found in a params file, one per line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} invalid param(s):\n{lines}")
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The keys allowed at the parent of ``loc`` (for 'unknown key' messages)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part) or next(
+            (f for f in current.model_fields.values() if f.alias == part), None
+        )
+        if field is None:
+            return None
+        current = field.annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(f.alias or name for name, f in current.model_fields.items())
+    return None
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(root)"
+    value = err.get("input")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(Params, loc)
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"{path}: unknown key{hint}"
+    if kind == "missing":
+        return f"{path}: required but missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "greater_than" and err.get("ctx", {}).get("gt") == 0 and isinstance(value, int):
+        msg = "is not a positive integer"
+    elif kind == "greater_than_equal" and err.get("ctx", {}).get("ge") == 0:
+        msg = "must be >= 0"
+    if kind == "value_error" and not loc:
+        return msg
+    return f"{path}: {value!r} {msg}" if value is not None and not isinstance(value, dict) else f"{path}: {msg}"
+
+
+def parse_params(data: Any, source: str = "params") -> Params:
+    """Validate a params mapping; raise ParamsError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(source, [f"(root): expected a mapping of sections, got {type(data).__name__}"])
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as exc:
+        problems: list[str] = []
+        for err in exc.errors():
+            for line in _format_error(err).split("; "):
+                problems.append(line)
+        raise ParamsError(source, problems) from None
+    problems = _check_passthrough(params)
+    if problems:
+        raise ParamsError(source, problems)
+    return params
+
+
+def _check_passthrough(params: Params) -> list[str]:
+    """Names in pass-through dicts must be fields of the TRL/peft config they feed."""
+    problems: list[str] = []
+    checks = [
+        ("sft.trainer", params.sft.trainer, "trl", "SFTConfig"),
+        ("dpo.trainer", params.dpo.trainer, "trl", "DPOConfig"),
+        ("sft.lora.extra", params.sft.lora.extra, "peft", "LoraConfig"),
+        ("dpo.lora.extra", params.dpo.lora.extra, "peft", "LoraConfig"),
+    ]
+    for where, values, module, cls_name in checks:
+        if not values:
+            continue
+        import dataclasses
+        import importlib
+
+        cls = getattr(importlib.import_module(module), cls_name)
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in allowed:
+                problems.append(f"{where}.{key}: not a field of {module}.{cls_name}")
+    return problems
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: params file not found (run from the project root)") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise InputError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    return parse_params(data, str(path))
+
+
+def check_runtime(params: Params) -> list[str]:
+    """Problems that depend on this machine (e.g. nf4 or device 'cuda' without CUDA)."""
+    import torch
+
+    problems = []
+    has_cuda = torch.cuda.is_available()
+    if params.model.quantization == "nf4" and not has_cuda:
+        problems.append("model.quantization: 'nf4' needs a CUDA GPU with bitsandbytes; this machine has no CUDA (use 'none')")
+    if params.model.device == "cuda" and not has_cuda:
+        problems.append("model.device: 'cuda' requested but torch.cuda.is_available() is False (use 'auto' or 'cpu')")
+    if params.compute.num_processes > 1 and has_cuda and params.compute.num_processes > torch.cuda.device_count():
+        problems.append(
+            f"compute.num_processes: {params.compute.num_processes} exceeds the {torch.cuda.device_count()} visible GPU(s)"
+        )
+    return problems

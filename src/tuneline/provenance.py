@@ -1,0 +1,85 @@
+"""Provenance: git state, library versions and content hashes stamped on every output."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "dvc", "accelerate", "tuneline")
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """Streaming sha256 of one file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a directory as its sorted (relative path, file hash) list.
+
+    Hidden temp files (``.*.tmp``) are skipped so that a hash taken while a stage writes
+    beside its outputs is the hash of the finished files only.
+    """
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if file.name.startswith(".") and file.name.endswith(".tmp"):
+            continue
+        digest.update(rel.encode("utf-8") + b"\0" + sha256_file(file).encode("ascii") + b"\n")
+    return digest.hexdigest()
+
+
+@functools.cache
+def git_info(cwd: str | None = None) -> dict[str, Any]:
+    """The git commit and whether tracked files differ from it (None outside a repo)."""
+    where = cwd or os.getcwd()
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where, capture_output=True, text=True, check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": None, "dirty": None}
+    return {"sha": sha, "dirty": bool(status.strip())}
+
+
+@functools.cache
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def stamp(**extra: Any) -> dict[str, Any]:
+    """The provenance block every stage adds to what it writes.
+
+    No timestamps: outputs must be byte-identical when inputs are, so DVC sees no change.
+    """
+    return {"git": git_info(), "versions": library_versions(), **extra}
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

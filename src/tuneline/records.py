@@ -1,0 +1,246 @@
+"""Strict JSONL reading and atomic writing, shared by every stage.
+
+Reading rules (each violation stops the read with ``path:line: what is wrong``):
+
+- the file is UTF-8; a UTF-8 byte-order mark is refused (it is invisible and usually means
+  the file went through a tool that will also have changed other bytes);
+- lines end with ``\\n``; a ``\\r\\n`` line end is refused for the same reason, naming the
+  first such line; a missing final newline is accepted;
+- every non-blank line is one JSON object; blank lines are refused (they usually mean a
+  concatenation went wrong), except that a single trailing newline is fine;
+- ``NaN``, ``Infinity`` and duplicate keys are refused;
+- ``required`` fields must be present with the given type; ``id_field`` values must be
+  unique within the file;
+- an empty file is refused unless ``allow_empty=True``.
+
+Writes go to a temporary file in the destination directory and are moved into place with
+``os.replace``, so a killed process never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from tuneline.errors import InputError
+
+TypeSpec = type | tuple[type, ...]
+
+
+class RecordError(InputError):
+    """A malformed record file; the message starts with ``path:line:``."""
+
+    def __init__(self, path: str | Path, line: int, message: str):
+        self.path = str(path)
+        self.line = line
+        self.reason = message
+        super().__init__(f"{path}:{line}: {message}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (use null or a finite number)")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def loads_strict(text: str) -> Any:
+    """json.loads that refuses NaN/Infinity and duplicate keys (raises ValueError)."""
+    return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+
+
+def _type_name(spec: TypeSpec) -> str:
+    if isinstance(spec, tuple):
+        return " or ".join(t.__name__ for t in spec)
+    return spec.__name__
+
+
+def _check_type(value: Any, spec: TypeSpec) -> bool:
+    types = spec if isinstance(spec, tuple) else (spec,)
+    if isinstance(value, bool) and bool not in types:
+        return False  # bool is an int subclass; never accept it for int/float fields
+    return isinstance(value, types)
+
+
+def iter_jsonl(
+    path: str | Path,
+    *,
+    required: Mapping[str, TypeSpec] | None = None,
+    id_field: str | None = "id",
+    allow_empty: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """Yield the records of a JSONL file, strictly (see module docstring)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: file not found") from exc
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise RecordError(path, 1, "starts with a UTF-8 byte-order mark; save the file as UTF-8 without BOM")
+    if not raw.strip():
+        if allow_empty:
+            return
+        raise RecordError(path, 1, "file is empty; expected one JSON object per line")
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    seen_ids: dict[Any, int] = {}
+    for number, line_bytes in enumerate(lines, start=1):
+        if line_bytes.endswith(b"\r"):
+            raise RecordError(path, number, "CRLF line end; tuneline reads LF ('\\n') line ends only")
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecordError(path, number, f"invalid UTF-8 at byte {exc.start}") from exc
+        if not line.strip():
+            raise RecordError(path, number, "blank line; expected one JSON object per line")
+        try:
+            record = loads_strict(line)
+        except ValueError as exc:
+            raise RecordError(path, number, f"invalid JSON: {exc}") from exc
+        if not isinstance(record, dict):
+            raise RecordError(path, number, f"expected a JSON object, got {type(record).__name__}")
+        for field, spec in (required or {}).items():
+            if field not in record:
+                raise RecordError(path, number, f"missing required field {field!r}")
+            if not _check_type(record[field], spec):
+                raise RecordError(
+                    path,
+                    number,
+                    f"field {field!r} is {type(record[field]).__name__} "
+                    f"{_short(record[field])}, expected {_type_name(spec)}",
+                )
+        if id_field is not None:
+            if id_field not in record:
+                raise RecordError(path, number, f"missing required field {id_field!r}")
+            rid = record[id_field]
+            if not isinstance(rid, str | int) or isinstance(rid, bool):
+                raise RecordError(path, number, f"field {id_field!r} must be a string or integer, got {_short(rid)}")
+            if rid in seen_ids:
+                raise RecordError(path, number, f"duplicate {id_field} {rid!r} (first on line {seen_ids[rid]})")
+            seen_ids[rid] = number
+        yield record
+
+
+def read_jsonl(
+    path: str | Path,
+    *,
+    required: Mapping[str, TypeSpec] | None = None,
+    id_field: str | None = "id",
+    allow_empty: bool = False,
+) -> list[dict[str, Any]]:
+    """Read a whole JSONL file strictly; see :func:`iter_jsonl`."""
+    return list(iter_jsonl(path, required=required, id_field=id_field, allow_empty=allow_empty))
+
+
+def read_json(path: str | Path) -> Any:
+    """Read one JSON document strictly (no NaN, no duplicate keys)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: file not found") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: invalid UTF-8 at byte {exc.start}") from exc
+    try:
+        return loads_strict(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(path, exc.lineno, f"invalid JSON: {exc.msg}") from exc
+    except ValueError as exc:
+        raise InputError(f"{path}: invalid JSON: {exc}") from exc
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def dumps_line(record: Mapping[str, Any]) -> str:
+    """One JSONL line: compact, UTF-8, no NaN, keys in insertion order."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it replaces ``path`` atomically.
+
+    If the body raises, the temp file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Atomically write UTF-8 text with LF line ends."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return Path(path)
+
+
+def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> int:
+    """Atomically write records as JSONL; returns the number written."""
+    count = 0
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+            for record in records:
+                handle.write(dumps_line(record))
+                handle.write("\n")
+                count += 1
+            handle.flush()
+            os.fsync(handle.fileno())
+    return count
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Atomically write pretty, key-sorted JSON (stable diffs for metrics)."""
+    return write_text(path, json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temp directory beside ``path``; on success it replaces ``path``.
+
+    The old directory (if any) is removed only after the new one is complete, so a killed
+    process leaves either the previous directory or nothing under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

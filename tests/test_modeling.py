@@ -1,0 +1,80 @@
+import json
+import shutil
+
+import pytest
+
+from tuneline import modeling
+from tuneline.errors import InputError
+from tuneline.params import ModelParams
+from tuneline.prompting import render
+
+
+def test_completion_mode_refuses_chat_special_token_by_id(tiny_model_dir):
+    loaded = modeling.load(tiny_model_dir, ModelParams(format="completion"))
+    assert loaded.tokenizer.chat_template is None
+    ok = loaded.render_ids(render("Plan two days in Lisbon.", "completion"))
+    assert set(ok).isdisjoint(modeling.chat_special_ids(loaded.tokenizer))
+    with pytest.raises(InputError) as info:
+        loaded.encode([render("<|im_start|>user\nPlan two days in Lisbon.", "completion")])
+    assert "<|im_start|>" in str(info.value) and info.value.exit_code == 2
+
+
+def test_chat_mode_applies_template_exactly_once(tiny_model_dir):
+    loaded = modeling.load(tiny_model_dir, ModelParams(format="chat"))
+    ids = loaded.render_ids(render("Plan two days in Lisbon.", "chat"))
+    start = loaded.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert ids.count(start) == 2  # one user turn + the generation prompt, no doubled template
+    text = loaded.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>user\nPlan two days in Lisbon.<|im_end|>")
+
+
+def test_pickle_only_directory_is_refused(tiny_model_dir, tmp_path):
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", bad / "config.json")
+    (bad / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(InputError, match=r"no \*\.safetensors weights; found pickle files \['pytorch_model.bin'\]"):
+        modeling.load(bad)
+
+
+def test_custom_code_config_is_refused(tiny_model_dir, tmp_path):
+    bad = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="auto_map"):
+        modeling.load(bad)
+
+
+def test_nf4_on_cpu_is_a_clear_error(tiny_model_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InputError, match="nf4.*CUDA"):
+        modeling.load(tiny_model_dir, ModelParams(quantization="nf4"))
+
+
+def test_adapters_switch_without_reloading_base(tiny_model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    base = modeling.load(tiny_model_dir)
+    peft_model = get_peft_model(base.model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+
+    loaded = modeling.load(tiny_model_dir)
+    base_model_id = id(loaded.model)
+    ids = torch.tensor([loaded.render_ids("### Instruction\nhello\n\n### Response\n")])
+    with torch.no_grad(), loaded.using(None) as model:
+        plain = model(ids).logits
+    loaded.attach_adapter(tmp_path / "adapter", "sft")
+    assert id(loaded.model.get_base_model()) == base_model_id
+    with torch.no_grad(), loaded.using("sft") as model:
+        adapted = model(ids).logits
+    with torch.no_grad(), loaded.using(None) as model:
+        disabled = model(ids).logits
+    assert not torch.allclose(plain, adapted)
+    assert torch.allclose(plain, disabled)
+    assert set(loaded.provenance["adapters"]) == {"sft"}
