@@ -217,6 +217,7 @@ class ProbeParams(Section):
     do_sample: bool = False
     temperature: PositiveFloat = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    stratify_by: list[str] = Field(default_factory=lambda: ["payload_type"])  # expect keys
 
 
 class CompareParams(Section):
@@ -224,6 +225,8 @@ class CompareParams(Section):
     pairs: list[tuple[str, str]] = Field(default_factory=lambda: [("sft", "dpo")])
     n_resamples: Annotated[int, Field(ge=1000)] = 2000
     confidence: Fraction = 0.95
+    min_effect: Fraction = 0.10  # difference the power note is about
+    power: Fraction = 0.80
 
 
 class ArchiveParams(Section):
