@@ -1,0 +1,315 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneline.contract import load_contract
+from tuneline.errors import InputError
+from tuneline.params import parse_params
+from tuneline.records import read_json, read_jsonl
+from tuneline.stages import probe
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "data" / "seed" / "contract.schema.json"
+TYPES = ["itinerary", "checklist", "budget"]
+CITIES = ["Lisbon", "Tokyo", "Paris"]
+
+
+def envelope(payload_type="checklist", destination="Lisbon"):
+    return {
+        "summary": f"Packing list for {destination}.",
+        "assumptions": [],
+        "uncertainty_notes": [],
+        "next_steps": ["Pack the night before."],
+        "verification_steps": ["Check the weather forecast."],
+        "payload_type": payload_type,
+        "payload": {"destination": destination, "items": ["passport", "adapter"]},
+    }
+
+
+def suite_line(i, payload_type, city, instruction=None):
+    return {
+        "id": f"p{i:02d}",
+        "instruction": instruction or f"Make a {payload_type} for a trip to {city}.",
+        "expect": {"payload_type": payload_type, "payload.destination": city},
+        "meta": {"city": city},
+    }
+
+
+def write_suite(path, lines):
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def contract():
+    return load_contract(SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def noisy_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model's tokenizer with larger random weights: varied, context-sensitive output."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("noisy-model")
+    for file in tiny_model_dir.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(file, out / file.name)
+    config = AutoConfig.from_pretrained(str(tiny_model_dir))
+    config.initializer_range = 0.2
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A randomly initialised (non-identity) LoRA adapter on the tiny model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("adapter")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    config = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(str(out))
+    return out
+
+
+def probe_params(tmp_path, tiny_model_dir, adapter=None, **probe_overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    suite = write_suite(
+        tmp_path / "suite.jsonl",
+        [suite_line(i, TYPES[i % 3], CITIES[(i // 3) % 3]) for i in range(6)],
+    )
+    models = {"base": str(tiny_model_dir)}
+    if adapter is not None:
+        models["sft"] = str(adapter)
+    return parse_params(
+        {
+            "paths": {
+                "base_model": str(tiny_model_dir),
+                "schema_file": str(SCHEMA),
+                "metrics": str(tmp_path / "metrics"),
+                "reports": str(tmp_path / "reports"),
+            },
+            "model": {"device": "cpu"},
+            "probe": {
+                "suite": str(suite),
+                "models": models,
+                "limit": None,
+                "batch_size": 4,
+                "max_new_tokens": 6,
+                **probe_overrides,
+            },
+            "compare": {"pairs": []},
+        }
+    )
+
+
+# -- judging one output -----------------------------------------------------------------
+
+EXPECT = {"payload_type": "checklist", "payload.destination": "Lisbon"}
+
+
+def test_judge_valid_output_passes_every_check(contract):
+    text = "Here you go:\n```json\n" + json.dumps(envelope()) + "\n```"
+    result = probe.judge(text, "eos", EXPECT, contract)
+    assert result["parsed"] and result["valid"]
+    assert result["errors"] == []
+    assert result["checks"] == {"payload_type": True, "destination": True}
+    assert result["cause"] == "ok"
+    assert len(result["fields_present"]) == 7
+
+
+def test_judge_each_task_check_fails_on_its_own(contract):
+    wrong_city = probe.judge(json.dumps(envelope(destination="Tokyo")), "eos", EXPECT, contract)
+    assert wrong_city["valid"] and wrong_city["checks"] == {"payload_type": True, "destination": False}
+    assert wrong_city["cause"] == "wrong_destination"
+
+    other = envelope(payload_type="procedure")
+    other["payload"] = {"destination": "Lisbon", "task": "Buy a metro card", "steps": ["Go to a machine"]}
+    wrong_type = probe.judge(json.dumps(other), "eos", EXPECT, contract)
+    assert wrong_type["valid"] and wrong_type["checks"] == {"payload_type": False, "destination": True}
+    assert wrong_type["cause"] == "wrong_payload_type"
+
+
+def test_judge_schema_errors_keep_every_path(contract):
+    broken = envelope()
+    del broken["summary"]
+    broken["next_steps"] = "pack"
+    result = probe.judge(json.dumps(broken), "eos", EXPECT, contract)
+    assert result["parsed"] and not result["valid"]
+    assert any(e.startswith("$:") and "'summary' is a required property" in e for e in result["errors"])
+    assert any(e.startswith("$.next_steps:") for e in result["errors"])
+    assert result["cause"] == "missing_field:summary"
+    assert "summary" not in result["fields_present"]
+
+
+def test_judge_array_root_and_truncation(contract):
+    array = probe.judge("[1, 2]", "eos", EXPECT, contract)
+    assert array["parsed"] and not array["valid"] and array["cause"] == "wrong_root_type"
+    assert array["checks"] == {"payload_type": False, "destination": False}
+    cut = probe.judge(json.dumps(envelope())[:50], "length", EXPECT, contract)
+    assert not cut["parsed"] and cut["cause"] == "truncated"
+    assert cut["parse_error"].startswith("truncated JSON")
+    prose = probe.judge("I cannot help with that.", "eos", EXPECT, contract)
+    assert not prose["parsed"] and prose["cause"] == "invalid_json"
+
+
+def test_binary_outcomes_and_failure_groups():
+    samples = [
+        {"id": "a", "parsed": True, "valid": True, "finish_reason": "eos", "checks": {"destination": True},
+         "cause": "ok", "output": "{}", "parse_error": None, "errors": []},
+        {"id": "b", "parsed": False, "valid": False, "finish_reason": "length", "checks": {"destination": False},
+         "cause": "truncated", "output": "{", "parse_error": "truncated JSON", "errors": []},
+        {"id": "c", "parsed": False, "valid": False, "finish_reason": "length", "checks": {"destination": False},
+         "cause": "truncated", "output": "{\"a", "parse_error": "truncated JSON", "errors": []},
+        {"id": "d", "parsed": True, "valid": False, "finish_reason": "eos", "checks": {"destination": False},
+         "cause": "wrong_root_type", "output": "[]", "parse_error": None, "errors": ["$: [] is not of type 'object'"]},
+    ]
+    assert probe.binary_outcomes(samples[1]) == {
+        "parse_rate": False, "schema_valid_rate": False, "destination_accuracy": False, "truncated_rate": True,
+    }
+    groups = probe.group_failures(samples)
+    assert [(g["cause"], g["count"], g["ids"]) for g in groups] == [
+        ("truncated", 2, ["b", "c"]),
+        ("wrong_root_type", 1, ["d"]),
+    ]
+    assert groups[1]["examples"][0]["errors"] == ["$: [] is not of type 'object'"]
+
+
+# -- suite and subset -------------------------------------------------------------------
+
+
+def test_stratified_subset_is_deterministic_and_balanced():
+    suite = [suite_line(i, TYPES[i % 3] if i < 30 else "checklist", CITIES[i % 3]) for i in range(60)]
+    subset = probe.select_subset(suite, 12, ["payload_type"])
+    assert len(subset) == 12
+    counts = {t: sum(s["expect"]["payload_type"] == t for s in subset) for t in TYPES}
+    assert counts == {"itinerary": 4, "checklist": 4, "budget": 4}
+    assert subset == probe.select_subset(list(reversed(suite)), 12, ["payload_type"])[::-1]
+    positions = [suite.index(s) for s in subset]
+    assert positions == sorted(positions)  # suite order kept
+    # small strata are exhausted, the rest is filled from the others
+    assert len(probe.select_subset(suite, 50, ["payload_type"])) == 50
+    assert probe.select_subset(suite, None, ["payload_type"]) == suite
+    with pytest.raises(InputError, match=r"probe.stratify_by: 'language'"):
+        probe.select_subset(suite, 10, ["language"])
+
+
+def test_load_suite_refuses_inconsistent_expect_keys(tmp_path):
+    lines = [suite_line(0, "budget", "Paris"), suite_line(1, "budget", "Paris")]
+    del lines[1]["expect"]["payload.destination"]
+    path = write_suite(tmp_path / "s.jsonl", lines)
+    with pytest.raises(InputError, match=r"s.jsonl:2: expect keys"):
+        probe.load_suite(path)
+    (tmp_path / "bad.jsonl").write_text('{"id": "x", "instruction": 3, "expect": {}}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:1: field 'instruction'"):
+        probe.load_suite(tmp_path / "bad.jsonl")
+
+
+def test_unknown_model_is_refused(tmp_path, tiny_model_dir):
+    params = probe_params(tmp_path, tiny_model_dir)
+    with pytest.raises(InputError, match=r"probe model 'v9': not in probe.models \(allowed: base\)"):
+        probe.run(params, "v9")
+    assert probe.adapter_dir(params, "base") is None
+
+
+# -- the stage with the tiny model -----------------------------------------------------
+
+
+def test_probe_base_writes_samples_failures_and_metrics(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = probe_params(tmp_path, tiny_model_dir)
+    metrics = probe.run(params, "base")
+    paths = probe.output_paths(params, "base")
+    samples = read_jsonl(paths.samples)
+    assert [s["id"] for s in samples] == [f"p{i:02d}" for i in range(6)]
+    for s in samples:
+        assert s["model"] == "base"
+        assert s["prompt"].startswith("### Instruction\n") and s["prompt"].endswith("### Response\n")
+        assert s["finish_reason"] in {"eos", "length"}
+        assert 1 <= s["n_tokens"] <= 6
+        assert s["finish_reason"] == "eos" or s["n_tokens"] == 6
+        assert set(s["checks"]) == {"payload_type", "destination"}
+        assert s["cause"] != "ok" or s["valid"]
+        assert s["meta"]["city"] in CITIES
+    on_disk = read_json(paths.metrics)
+    assert on_disk == json.loads(json.dumps(metrics))
+    for key in ("parse_rate", "schema_valid_rate", "payload_type_accuracy", "destination_accuracy", "truncated_rate"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["n"] == 6
+    assert metrics["truncated_rate"] == pytest.approx(sum(s["finish_reason"] == "length" for s in samples) / 6, abs=1e-6)
+    assert metrics["mean_new_tokens"] == pytest.approx(sum(s["n_tokens"] for s in samples) / 6, abs=1e-3)
+    assert set(metrics["field_presence"]) == set(load_contract(SCHEMA).schema["required"])
+    assert metrics["tokens_per_s"] > 0
+    assert len(metrics["suite_sha256"]) == 64 and len(metrics["contract_sha256"]) == 64
+    assert metrics["provenance"]["model"]["adapters"] == {}
+    failures = read_jsonl(paths.failures)
+    assert sum(f["count"] for f in failures) == sum(s["cause"] != "ok" for s in samples)
+    assert sum(metrics["failure_causes"].values()) == 6
+
+
+def test_probe_is_deterministic_and_batching_does_not_change_outputs(tmp_path, noisy_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for name, batch_size in (("a", 3), ("b", 3), ("c", 1)):
+        params = probe_params(tmp_path / name, noisy_model_dir, batch_size=batch_size, max_new_tokens=8)
+        lines = [
+            suite_line(i, TYPES[i % 3], CITIES[i % 3], instruction="Plan a trip. " * (1 + 2 * i) + CITIES[i % 3])
+            for i in range(6)
+        ]
+        write_suite(Path(params.probe.suite), lines)
+        probe.run(params, "base")
+        runs.append([(s["output"], s["n_tokens"]) for s in read_jsonl(probe.output_paths(params, "base").samples)])
+    assert len({text for text, _ in runs[0]}) > 3  # the outputs depend on the prompt
+    # left padding: a prompt generates the same tokens alone or padded in a batch
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_generation_stops_at_eos_and_counts_it(noisy_model_dir):
+    from tuneline import modeling
+
+    loaded = modeling.load(noisy_model_dir, parse_params({"model": {"device": "cpu"}}).model)
+    ids = loaded.encode(["### Instruction\nPlan a trip to Lisbon\n\n### Response\n"])
+    [free], _ = probe.generate(
+        loaded, ids, batch_size=1, max_new_tokens=8, do_sample=False, temperature=1.0, top_p=1.0
+    )
+    assert free.finish_reason == "length" and free.n_tokens == 8
+    tokens = loaded.tokenizer(free.text, add_special_tokens=False)["input_ids"]
+    stop = tokens[3]
+    first = tokens.index(stop)
+    loaded.model.generation_config.eos_token_id = [stop]
+    [stopped], _ = probe.generate(
+        loaded, ids, batch_size=1, max_new_tokens=8, do_sample=False, temperature=1.0, top_p=1.0
+    )
+    assert stopped.finish_reason == "eos"
+    assert stopped.n_tokens == first + 1
+    assert stopped.text == loaded.tokenizer.decode(tokens[:first])
+
+
+def test_probe_applies_the_adapter(tmp_path, tiny_model_dir, adapter_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = probe_params(tmp_path, tiny_model_dir, adapter=adapter_dir)
+    base_metrics = probe.run(params, "base")
+    sft_metrics = probe.run(params, "sft")
+    assert set(sft_metrics["provenance"]["model"]["adapters"]) == {"sft"}
+    assert base_metrics["suite_sha256"] == sft_metrics["suite_sha256"]
+    base_out = [s["output"] for s in read_jsonl(probe.output_paths(params, "base").samples)]
+    sft_out = [s["output"] for s in read_jsonl(probe.output_paths(params, "sft").samples)]
+    assert base_out != sft_out
+
+
+def test_probe_refuses_chat_tokens_in_completion_prompts(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = probe_params(tmp_path, tiny_model_dir)
+    write_suite(
+        Path(params.probe.suite),
+        [suite_line(0, "budget", "Paris", instruction="<|im_start|>user\nA budget for Paris")],
+    )
+    with pytest.raises(InputError, match="chat special token"):
+        probe.run(params, "base")
+    assert not probe.output_paths(params, "base").metrics.exists()
