@@ -1,0 +1,170 @@
+import json
+
+import pytest
+
+from tuneline import stats
+from tuneline.errors import InputError
+from tuneline.params import parse_params
+from tuneline.records import read_json, write_json, write_jsonl
+from tuneline.stages import compare
+
+SUITE_SHA = "a" * 64
+CONTRACT_SHA = "c" * 64
+
+
+def outcomes(n, **ones):
+    """Per-outcome 0/1 lists of length n: ``valid=range(...)`` marks the successes."""
+    names = ("parsed", "valid", "payload_type", "destination", "truncated")
+    return {name: [i in ones.get(name, ()) for i in range(n)] for name in names}
+
+
+def write_run(tmp_path, model, flags, *, suite=SUITE_SHA, ids=None):
+    n = len(flags["parsed"])
+    ids = ids or [f"q{i:03d}" for i in range(n)]
+    samples = [
+        {
+            "id": ids[i],
+            "model": model,
+            "parsed": flags["parsed"][i],
+            "valid": flags["valid"][i],
+            "finish_reason": "length" if flags["truncated"][i] else "eos",
+            "checks": {"payload_type": flags["payload_type"][i], "destination": flags["destination"][i]},
+        }
+        for i in range(n)
+    ]
+    write_jsonl(tmp_path / "reports" / "probe" / f"{model}.samples.jsonl", samples)
+    write_json(
+        tmp_path / "metrics" / "probe" / f"{model}.json",
+        {"n": n, "suite_sha256": suite, "contract_sha256": CONTRACT_SHA},
+    )
+
+
+def params_for(tmp_path, **compare_overrides):
+    return parse_params(
+        {
+            "seed": 7,
+            "paths": {"metrics": str(tmp_path / "metrics"), "reports": str(tmp_path / "reports")},
+            "probe": {"models": {"base": None, "sft": "models/sft", "dpo": "models/dpo"}},
+            "compare": {"n_resamples": 1000, **compare_overrides},
+        }
+    )
+
+
+def three_models(tmp_path, n=60):
+    # base: 20 valid; sft: those 20 except 2, plus 10 more; dpo: everything sft has plus 15.
+    base_valid = set(range(20))
+    sft_valid = (base_valid - {0, 1}) | set(range(20, 30))
+    dpo_valid = sft_valid | set(range(30, 45))
+    write_run(tmp_path, "base", outcomes(n, parsed=range(40), valid=base_valid, payload_type=range(30),
+                                         destination=range(25), truncated=range(50, 60)))
+    write_run(tmp_path, "sft", outcomes(n, parsed=range(50), valid=sft_valid, payload_type=range(31),
+                                        destination=range(25), truncated=range(55, 60)))
+    write_run(tmp_path, "dpo", outcomes(n, parsed=range(n), valid=dpo_valid, payload_type=range(31),
+                                        destination=range(26), truncated=()))
+
+
+def test_compare_layout_and_known_values(tmp_path):
+    three_models(tmp_path)
+    metrics = compare.run(params_for(tmp_path))
+    on_disk = read_json(tmp_path / "metrics" / "compare.json")
+    assert on_disk == json.loads(json.dumps(metrics))
+
+    for model in ("base", "sft", "dpo"):
+        for metric in ("parse_rate", "schema_valid_rate", "payload_type_accuracy", "destination_accuracy",
+                       "truncated_rate"):
+            assert set(on_disk[model][metric]) >= {"rate", "ci_low", "ci_high"}
+    rate, low, high = stats.wilson(20, 60)
+    assert on_disk["base"]["schema_valid_rate"] == {
+        "rate": pytest.approx(rate, abs=1e-6), "ci_low": pytest.approx(low, abs=1e-6),
+        "ci_high": pytest.approx(high, abs=1e-6), "k": 20, "n": 60,
+    }
+
+    assert set(on_disk) >= {"sft_vs_base", "dpo_vs_base", "sft_vs_dpo"}
+    valid = on_disk["sft_vs_base"]["schema_valid_rate"]
+    assert (valid["only_model"], valid["only_other"], valid["n"]) == (10, 2, 60)
+    assert valid["diff"] == pytest.approx(8 / 60, abs=1e-6)
+    assert valid["p_value"] == pytest.approx(158 / 4096, abs=1e-6)  # exact McNemar, b=10, c=2
+    assert valid["ci_low"] < valid["diff"] < valid["ci_high"]
+    dpo_sft = on_disk["sft_vs_dpo"]["schema_valid_rate"]
+    assert (dpo_sft["only_model"], dpo_sft["only_other"]) == (0, 15)
+    assert dpo_sft["diff"] == pytest.approx(-0.25) and dpo_sft["p_value"] == pytest.approx(2 * 0.5**15)
+    same = on_disk["sft_vs_base"]["destination_accuracy"]
+    assert (same["diff"], same["ci_low"], same["ci_high"], same["p_value"]) == (0.0, 0.0, 0.0, 1.0)
+    assert on_disk["suite_sha256"] == SUITE_SHA and on_disk["contract_sha256"] == CONTRACT_SHA
+
+
+def test_compare_report_verdicts_power_note_and_plot(tmp_path):
+    three_models(tmp_path)
+    compare.run(params_for(tmp_path))
+    report = (tmp_path / "reports" / "compare.md").read_text()
+    verdicts = [line for line in report.splitlines() if line.startswith("- **")]
+    assert len(verdicts) == 3
+    sft_base = next(v for v in verdicts if v.startswith("- **sft vs base**"))
+    assert "sft has a higher parse rate" in sft_base
+    assert "a higher schema valid rate (+13.3 points, 95% CI [" in sft_base and "p = 0.039: better)" in sft_base
+    assert "No significant difference in" in sft_base and "destination accuracy" in sft_base
+    dpo_base = next(v for v in verdicts if v.startswith("- **dpo vs base**"))
+    assert "a lower truncated rate (-16.7 points" in dpo_base and "p = 0.002: better)" in dpo_base
+    sft_dpo = next(v for v in verdicts if v.startswith("- **sft vs dpo**"))
+    assert "a lower schema valid rate (-25.0 points" in sft_dpo and "p < 0.001: worse)" in sft_dpo
+    assert "## Power" in report and "too small to detect a 10.0-point difference at 80% power" in report
+    assert "| base | 60 |" in report
+    assert "![rates with intervals](compare_rates.png)" in report
+    png = (tmp_path / "reports" / "compare_rates.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_compare_is_deterministic(tmp_path):
+    three_models(tmp_path)
+    params = params_for(tmp_path)
+    compare.run(params)
+    first = [(tmp_path / p).read_bytes() for p in ("metrics/compare.json", "reports/compare.md",
+                                                   "reports/compare_rates.png")]
+    compare.run(params)
+    second = [(tmp_path / p).read_bytes() for p in ("metrics/compare.json", "reports/compare.md",
+                                                    "reports/compare_rates.png")]
+    assert first == second
+
+
+def test_no_power_note_when_n_is_large(tmp_path):
+    n = 400
+    # models agree everywhere but on 10 prompts for validity: small discordance, large n
+    for model, extra in (("base", set()), ("sft", set(range(200, 210))), ("dpo", set(range(200, 205)))):
+        flags = outcomes(n, parsed=range(n), valid=set(range(200)) | extra, payload_type=range(n),
+                         destination=range(n))
+        write_run(tmp_path, model, flags)
+    compare.run(params_for(tmp_path))
+    report = (tmp_path / "reports" / "compare.md").read_text()
+    assert "## Power" not in report
+    assert "sft has a higher schema valid rate (+2.5 points" in report
+
+
+def test_compare_refuses_different_suites(tmp_path):
+    three_models(tmp_path)
+    write_run(tmp_path, "dpo", outcomes(60), suite="b" * 64)
+    with pytest.raises(InputError, match=r"different suite files .*dpo: bbbbbbbbbbbb"):
+        compare.run(params_for(tmp_path))
+    assert not (tmp_path / "metrics" / "compare.json").exists()
+
+
+def test_compare_refuses_different_prompts(tmp_path):
+    three_models(tmp_path)
+    write_run(tmp_path, "sft", outcomes(60), ids=[f"x{i:03d}" for i in range(60)])
+    with pytest.raises(InputError, match=r"sft and base were probed on different prompts"):
+        compare.run(params_for(tmp_path))
+
+
+def test_compare_names_a_missing_probe_run(tmp_path):
+    three_models(tmp_path)
+    (tmp_path / "reports" / "probe" / "dpo.samples.jsonl").unlink()
+    with pytest.raises(InputError, match=r"dpo.samples.jsonl: file not found"):
+        compare.run(params_for(tmp_path))
+
+
+def test_pairs_param_adds_comparisons(tmp_path):
+    three_models(tmp_path)
+    params = params_for(tmp_path, baseline="sft", pairs=[["dpo", "base"]])
+    assert compare.comparisons(params) == [("base", "sft"), ("dpo", "sft"), ("dpo", "base")]
+    metrics = compare.run(params)
+    assert {"base_vs_sft", "dpo_vs_sft", "dpo_vs_base"} <= set(metrics)
+    assert "sft_vs_base" not in metrics
