@@ -104,5 +104,48 @@ def doctor(params: ParamsOption = DEFAULT_PARAMS) -> None:
     report(params, out)
 
 
+
+@app.command()
+def probe(
+    model: Annotated[str, typer.Argument(help="a model name from probe.models, e.g. base, sft, dpo")],
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Probe one model on the held-out suite: metrics/probe/MODEL.json and reports/probe/MODEL.*.jsonl."""
+    metrics = run_stage("probe", params, model=model)
+    summary = {k: v for k, v in metrics.items() if k != "provenance"}
+    out.print(json.dumps(summary, indent=2, sort_keys=True), highlight=False)
+
+
+app.command("compare")(
+    _stage_command(
+        "compare",
+        "Compare the probed models: metrics/compare.json, reports/compare.md, reports/compare_rates.png.",
+    )
+)
+
+
+@app.command("diff")
+def diff_command(
+    rev_a: Annotated[str, typer.Argument(help="older version: commit, branch, tag, DVC experiment or 'workspace'")],
+    rev_b: Annotated[str, typer.Argument(help="newer version (differences are B - A)")],
+    md: Annotated[bool, typer.Option("--md", help="print a Markdown table")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    repo: Annotated[Path, typer.Option("--repo", help="project root (git + DVC repository)")] = Path("."),
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Paired statistics between the probe results of two versions (same suite and contract only)."""
+    from tuneline import diff as version_diff
+    from tuneline.errors import InputError
+
+    if md and as_json:
+        raise InputError("--md and --json: choose one output format")
+    result = version_diff.diff(repo, rev_a, rev_b, load_params(params))
+    if as_json:
+        typer.echo(version_diff.to_json(result), nl=False)
+    elif md:
+        typer.echo(version_diff.to_markdown(result), nl=False)
+    else:
+        version_diff.print_table(result)
+
 if __name__ == "__main__":
     main()
