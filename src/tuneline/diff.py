@@ -1,0 +1,220 @@
+"""``tuneline diff REV_A REV_B``: paired statistics between two versions of the probe results.
+
+A version is anything DVC resolves: a commit, branch or tag, a DVC experiment name
+(``dvc exp run -n v3``; experiments live under ``refs/exps``), or ``workspace`` for the
+files on disk. The probe samples and metrics are git-tracked (``cache: false``), so a
+fresh clone without a DVC remote can be compared; files are read through
+``dvc.api.DVCFileSystem``, which also serves DVC-tracked files from the cache.
+
+For every model probed in both versions and every per-sample outcome it reports
+``rate(B) - rate(A)`` on the shared prompts with a paired bootstrap interval, an exact
+McNemar p-value and the discordant counts, exactly as ``compare`` does between models.
+Versions whose probe suite or contract hashes differ are refused: their prompts or
+their definition of "valid" are not the same, so a difference would not mean anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneline.errors import InputError
+from tuneline.params import Params
+from tuneline.records import loads_strict
+from tuneline.stages.compare import (
+    SAMPLE_FIELDS,
+    ProbeRun,
+    check_same_inputs,
+    paired_stats,
+    probe_run_from_records,
+    rate_stats,
+)
+
+WORKSPACE = "workspace"
+
+
+@dataclass(frozen=True)
+class Version:
+    rev: str  # as given
+    sha: str | None  # None for the workspace
+    runs: dict[str, ProbeRun]
+
+    @property
+    def title(self) -> str:
+        return self.rev if self.sha is None or self.sha.startswith(self.rev) else f"{self.rev} ({self.sha[:7]})"
+
+
+def resolve(repo: str | Path, rev: str) -> str | None:
+    """Commit sha of ``rev`` (git revision or DVC experiment name); None for the workspace."""
+    from dvc.scm import SCM, SCMError, resolve_rev
+
+    if rev == WORKSPACE:
+        return None
+    try:
+        return resolve_rev(SCM(str(repo)), rev)
+    except SCMError as exc:
+        raise InputError(
+            f"revision {rev!r}: {exc}; use a commit, branch, tag, DVC experiment name or 'workspace'"
+        ) from exc
+
+
+def _parse_jsonl(text: str, source: str) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = loads_strict(line)
+        except ValueError as exc:
+            raise InputError(f"{source}:{number}: invalid JSON: {exc}") from exc
+        if not isinstance(record, dict):
+            raise InputError(f"{source}:{number}: expected a JSON object")
+        for field, spec in {"id": (str, int), **SAMPLE_FIELDS}.items():
+            if not isinstance(record.get(field), spec):
+                raise InputError(f"{source}:{number}: field {field!r} missing or not {spec}")
+        records.append(record)
+    return records
+
+
+def read_version(repo: str | Path, rev: str, params: Params) -> Version:
+    """Every probe run (metrics + samples) present at ``rev``."""
+    from dvc.api import DVCFileSystem
+    from dvc.exceptions import DvcException
+
+    sha = resolve(repo, rev)
+    try:
+        fs = DVCFileSystem(str(repo), rev=sha)
+    except DvcException as exc:
+        raise InputError(f"{repo}: cannot open the DVC repository at {rev!r}: {exc}") from exc
+    metrics_dir = f"{params.paths.metrics}/probe"
+    reports_dir = f"{params.paths.reports}/probe"
+    runs: dict[str, ProbeRun] = {}
+    for metrics_path in sorted(fs.glob(f"{metrics_dir}/*.json")):
+        name = Path(metrics_path).stem
+        samples_path = f"{reports_dir}/{name}.samples.jsonl"
+        source = f"{rev}:{samples_path}"
+        try:
+            metrics = loads_strict(fs.read_text(metrics_path, encoding="utf-8"))
+            text = fs.read_text(samples_path, encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise InputError(
+                f"{rev}:{samples_path}: missing beside {metrics_path}; was the probe output committed?"
+            ) from exc
+        except ValueError as exc:
+            raise InputError(f"{rev}:{metrics_path}: invalid JSON: {exc}") from exc
+        if not isinstance(metrics, dict):
+            raise InputError(f"{rev}:{metrics_path}: expected a JSON object of probe metrics")
+        runs[name] = probe_run_from_records(name, metrics, _parse_jsonl(text, source), source)
+    if not runs:
+        raise InputError(f"{rev}: no probe results under {metrics_dir}/ (run `dvc repro` and commit them)")
+    return Version(rev=rev, sha=sha, runs=runs)
+
+
+def diff_versions(a: Version, b: Version, *, n_resamples: int, seed: int, conf: float) -> dict[str, Any]:
+    """Paired statistics of B against A for every model in both, after the hash check."""
+    common = [name for name in b.runs if name in a.runs]
+    if not common:
+        raise InputError(
+            f"no model was probed in both versions ({a.rev}: {sorted(a.runs)}; {b.rev}: {sorted(b.runs)})"
+        )
+    labelled = {f"{a.rev}:{m}": a.runs[m] for m in common} | {f"{b.rev}:{m}": b.runs[m] for m in common}
+    hashes = check_same_inputs(labelled)
+    models: dict[str, Any] = {}
+    for name in common:
+        rates_a = rate_stats(a.runs[name], conf=conf)
+        rates_b = rate_stats(b.runs[name], conf=conf)
+        diffs = paired_stats(b.runs[name], a.runs[name], n_resamples=n_resamples, seed=seed, conf=conf)
+        models[name] = {
+            metric: {
+                "rate_a": rates_a[metric]["rate"],
+                "rate_b": rates_b[metric]["rate"],
+                "diff": s["diff"],
+                "ci_low": s["ci_low"],
+                "ci_high": s["ci_high"],
+                "p_value": s["p_value"],
+                "only_a": s["only_other"],
+                "only_b": s["only_model"],
+                "n": s["n"],
+            }
+            for metric, s in diffs.items()
+        }
+    return {
+        "a": {"rev": a.rev, "sha": a.sha},
+        "b": {"rev": b.rev, "sha": b.sha},
+        **hashes,
+        "confidence": conf,
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "models": models,
+        "only_in_a": sorted(set(a.runs) - set(b.runs)),
+        "only_in_b": sorted(set(b.runs) - set(a.runs)),
+    }
+
+
+def diff(repo: str | Path, rev_a: str, rev_b: str, params: Params) -> dict[str, Any]:
+    a = read_version(repo, rev_a, params)
+    b = read_version(repo, rev_b, params)
+    result = diff_versions(
+        a, b, n_resamples=params.compare.n_resamples, seed=params.seed, conf=params.compare.confidence
+    )
+    result["a"]["title"], result["b"]["title"] = a.title, b.title
+    return result
+
+
+COLUMNS = ("model", "outcome", "A", "B", "diff (pts)", "interval", "p (McNemar)", "only A", "only B")
+
+
+def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    out = []
+    for model, per_metric in result["models"].items():
+        for metric, s in per_metric.items():
+            out.append(
+                (
+                    model,
+                    metric.replace("_", " "),
+                    f"{s['rate_a'] * 100:.1f}%",
+                    f"{s['rate_b'] * 100:.1f}%",
+                    f"{s['diff'] * 100:+.1f}",
+                    f"[{s['ci_low'] * 100:+.1f}, {s['ci_high'] * 100:+.1f}]",
+                    "< 0.001" if s["p_value"] < 0.001 else f"{s['p_value']:.3f}",
+                    str(s["only_a"]),
+                    str(s["only_b"]),
+                )
+            )
+    return out
+
+
+def _caption(result: dict[str, Any]) -> str:
+    pct = round(result["confidence"] * 100)
+    skipped = ""
+    if result["only_in_a"] or result["only_in_b"]:
+        skipped = f" Not in both: A only {result['only_in_a']}, B only {result['only_in_b']}."
+    return (
+        f"A = {result['a']['title']}, B = {result['b']['title']}; diff = B - A in points, paired "
+        f"{pct}% bootstrap interval ({result['n_resamples']} resamples), exact McNemar p; same suite "
+        f"({result['suite_sha256'][:12]}) and contract ({result['contract_sha256'][:12]}).{skipped}"
+    )
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    lines = [_caption(result), "", "| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * (len(COLUMNS) - 2)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(result)]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(result: dict[str, Any]) -> str:
+    return json.dumps(result, indent=2, sort_keys=True) + "\n"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="tuneline diff", caption=_caption(result))
+    for i, name in enumerate(COLUMNS):
+        table.add_column(name, justify="left" if i < 2 else "right")
+    for row in rows(result):
+        table.add_row(*row)
+    Console().print(table)

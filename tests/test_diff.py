@@ -1,0 +1,132 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tuneline import stats
+from tuneline.diff import diff, to_json, to_markdown
+from tuneline.errors import InputError
+from tuneline.params import parse_params
+from tuneline.records import write_json, write_jsonl
+
+N = 40
+SUITE = "5" * 64
+CONTRACT = "c" * 64
+PARAMS = parse_params({"compare": {"n_resamples": 1000}})
+
+
+def sh(repo, *cmd):
+    return subprocess.run(cmd, cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+def write_probe(repo, model, valid, *, suite=SUITE):
+    samples = [
+        {
+            "id": f"probe-{i:02d}",
+            "model": model,
+            "parsed": True,
+            "valid": i in valid,
+            "finish_reason": "eos",
+            "checks": {"destination": i < 30},
+        }
+        for i in range(N)
+    ]
+    write_jsonl(repo / "reports" / "probe" / f"{model}.samples.jsonl", samples)
+    write_json(repo / "metrics" / "probe" / f"{model}.json",
+               {"n": N, "suite_sha256": suite, "contract_sha256": CONTRACT})
+
+
+def commit(repo, message):
+    sh(repo, "git", "add", "metrics", "reports")
+    sh(repo, "git", "commit", "-q", "-m", message)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    sh(tmp_path, "git", "init", "-q")
+    sh(tmp_path, "git", "config", "user.email", "test@example.com")
+    sh(tmp_path, "git", "config", "user.name", "test")
+    sh(tmp_path, sys.executable, "-m", "dvc", "init", "-q")
+    (tmp_path / "params.yaml").write_text("compare:\n  n_resamples: 1000\n")
+    write_probe(tmp_path, "base", set(range(10)))
+    write_probe(tmp_path, "sft", set(range(20)))
+    sh(tmp_path, "git", "add", ".")
+    sh(tmp_path, "git", "commit", "-q", "-m", "v1")
+    sh(tmp_path, "git", "tag", "v1")
+    # v2: sft gains 12 prompts and loses 2; base unchanged
+    write_probe(tmp_path, "sft", (set(range(20)) - {0, 1}) | set(range(20, 32)))
+    commit(tmp_path, "v2")
+    return tmp_path
+
+
+def test_diff_two_commits(repo):
+    result = diff(repo, "v1", "HEAD", PARAMS)
+    assert result["a"]["rev"] == "v1" and result["b"]["sha"] == sh(repo, "git", "rev-parse", "HEAD").strip()
+    assert result["suite_sha256"] == SUITE and result["contract_sha256"] == CONTRACT
+    sft = result["models"]["sft"]["schema_valid_rate"]
+    assert (sft["rate_a"], sft["rate_b"]) == (0.5, 0.75)
+    assert (sft["only_a"], sft["only_b"], sft["n"]) == (2, 12, N)
+    assert sft["diff"] == pytest.approx(0.25)
+    assert sft["p_value"] == pytest.approx(stats.mcnemar_exact(12, 2), rel=1e-5)
+    assert sft["ci_low"] < 0.25 < sft["ci_high"]
+    base = result["models"]["base"]["schema_valid_rate"]
+    assert (base["diff"], base["p_value"]) == (0.0, 1.0)
+    assert set(result["models"]["sft"]) == {
+        "parse_rate", "schema_valid_rate", "destination_accuracy", "truncated_rate",
+    }
+    # reversed order flips the sign and swaps the discordant counts
+    back = diff(repo, "HEAD", "v1", PARAMS)["models"]["sft"]["schema_valid_rate"]
+    assert back["diff"] == pytest.approx(-0.25) and (back["only_a"], back["only_b"]) == (12, 2)
+    assert json.loads(to_json(result)) == json.loads(json.dumps(result))
+    md = to_markdown(result)
+    assert "| sft | schema valid rate | 50.0% | 75.0% | +25.0 |" in md
+    assert "A = v1" in md
+
+
+def test_diff_dvc_experiment_and_workspace(repo):
+    write_probe(repo, "sft", set(range(36)))
+    sh(repo, sys.executable, "-m", "dvc", "exp", "save", "-q", "-n", "v3")
+    result = diff(repo, "HEAD", "v3", PARAMS)
+    assert result["b"]["sha"] != sh(repo, "git", "rev-parse", "HEAD").strip()
+    assert result["models"]["sft"]["schema_valid_rate"]["diff"] == pytest.approx(6 / N)
+    write_probe(repo, "sft", set(range(4)))
+    ws = diff(repo, "v3", "workspace", PARAMS)
+    assert ws["b"]["sha"] is None
+    assert ws["models"]["sft"]["schema_valid_rate"]["diff"] == pytest.approx(-32 / N)
+
+
+def test_diff_refuses_different_suites(repo):
+    write_probe(repo, "sft", set(range(20)), suite="9" * 64)
+    commit(repo, "new suite")
+    with pytest.raises(InputError, match=r"different suite files .*v1:sft: 555555555555.*HEAD:sft: 999999999999"):
+        diff(repo, "v1", "HEAD", PARAMS)
+    cli = subprocess.run(
+        [sys.executable, "-m", "tuneline.cli", "diff", "v1", "HEAD"], cwd=repo, capture_output=True, text=True
+    )
+    assert cli.returncode == 2
+    assert "different suite files" in cli.stderr
+
+
+def test_diff_unknown_revision_and_missing_results(repo):
+    with pytest.raises(InputError, match=r"revision 'nope'"):
+        diff(repo, "v1", "nope", PARAMS)
+    sh(repo, "git", "rm", "-q", "-r", "metrics")
+    sh(repo, "git", "commit", "-q", "-m", "drop metrics")
+    with pytest.raises(InputError, match=r"HEAD: no probe results under metrics/probe/"):
+        diff(repo, "v1", "HEAD", PARAMS)
+
+
+def test_diff_cli_formats(repo):
+    as_json = subprocess.run(
+        [sys.executable, "-m", "tuneline.cli", "diff", "v1", "HEAD", "--json"],
+        cwd=repo, capture_output=True, text=True, check=True,
+    )
+    data = json.loads(as_json.stdout)
+    assert data["models"]["sft"]["schema_valid_rate"]["only_b"] == 12
+    table = subprocess.run(
+        [sys.executable, "-m", "tuneline.cli", "diff", "v1", "HEAD"],
+        cwd=repo, capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "160"},
+    )
+    assert "schema valid rate" in table.stdout and "+25.0" in table.stdout
