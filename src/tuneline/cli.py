@@ -16,12 +16,15 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from tuneline import archive, verify
 from tuneline.errors import TunelineError
 from tuneline.params import Params, check_runtime, load_params
 
 app = typer.Typer(help="Reproducible LLM post-training pipeline driven by DVC.", no_args_is_help=True)
 params_app = typer.Typer(help="Inspect and validate params.yaml.", no_args_is_help=True)
 app.add_typer(params_app, name="params")
+app.add_typer(archive.app, name="archive")
+app.add_typer(verify.app, name="verify")
 err = Console(stderr=True)
 out = Console()
 
@@ -79,6 +82,11 @@ def _stage_command(name: str, doc: str) -> Callable[..., None]:
 
 for _name, _doc in [
     ("base", "Materialize the base model in paths.base_model (safetensors + tokenizer + provenance)."),
+    ("generate", "Examples from templates, a teacher and imported files: data/generated, metrics/generate.json."),
+    ("clean", "Validate, dedupe, length-check and split the examples: data/clean, metrics/clean.json."),
+    ("sft", "Supervised LoRA fine-tuning on data/clean: paths.sft_model, metrics/sft.json, metrics/sft/."),
+    ("pairs", "Preference pairs (contract negatives, on-policy, imported): data/pairs, metrics/pairs.json."),
+    ("dpo", "DPO on the pairs with the SFT model as reference: paths.dpo_model, metrics/dpo.json."),
 ]:
     app.command(_name)(_stage_command(_name, _doc))
 
@@ -146,6 +154,21 @@ def diff_command(
         typer.echo(version_diff.to_markdown(result), nl=False)
     else:
         version_diff.print_table(result)
+
+@app.command("export")
+def export_command(
+    model: Annotated[str, typer.Argument(help="an adapter directory, or a name from probe.models (sft, dpo)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for the merged checkpoint")],
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Merge an adapter (and its parents) into the base: safetensors + tokenizer + provenance."""
+    from tuneline.export import export
+
+    loaded_params = stage_params(params)
+    adapter = loaded_params.probe.models.get(model) or model
+    provenance = export(loaded_params, adapter, out_dir)
+    out.print(f"{out_dir}: merged {[a['path'] for a in provenance['merged_adapters']]} into the base", highlight=False)
+
 
 if __name__ == "__main__":
     main()

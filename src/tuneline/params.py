@@ -95,6 +95,7 @@ class LoraParams(Section):
 class TemplateSourceParams(Section):
     enabled: bool = True
     max_records: PositiveInt | None = None
+    variants: PositiveInt = 3  # examples per (destination, payload type)
 
 
 class TeacherSourceParams(Section):
@@ -165,6 +166,7 @@ class SftParams(Section):
     min_optimizer_steps: NonNegativeInt = 50
     strict_plan: bool = False
     max_records: PositiveInt | None = None
+    max_eval_records: PositiveInt | None = 32
     lora: LoraParams = LoraParams()
     trainer: dict[str, Any] = Field(default_factory=dict)
 

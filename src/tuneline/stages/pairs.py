@@ -1,0 +1,304 @@
+"""pairs: preference pairs for DPO — diverse contract negatives, on-policy samples, imports.
+
+Reads:  ``paths.clean``/train.jsonl (chosen = each record's valid envelope), the contract
+        schema (``paths.schema_file``), ``paths.generated``/preferences.jsonl when present
+        (imported triples with a raw instruction as prompt), and ``paths.sft_model`` when
+        ``pairs.on_policy`` is set.
+Writes: ``paths.pairs``/train.jsonl — ``{"id", "prompt", "chosen", "rejected", "meta":
+        {"strategy", ...}}`` with the prompt in the model format and plain completions (the
+        trainer appends the terminator); ``paths.metrics``/pairs.json (counts per strategy).
+Params: ``pairs``, ``seed``, ``model.format`` (and ``model`` for on-policy sampling).
+
+Every diverse negative fails the contract (parse, schema, or a task check with the
+record's ``meta.expect``) while its chosen passes; a candidate that would pass is not
+used. Strategies: drop_field (a required root field removed), array_root (the object
+wrapped in an array), truncate (cut mid-envelope), invalid_json (a syntax error),
+off_topic (another record's envelope that fails this record's task checks),
+wrong_payload_type (an envelope of another payload type, or this one relabelled).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tuneline.contract import Contract, load_contract, parse_lenient, task_checks
+from tuneline.errors import InputError
+from tuneline.params import Params
+from tuneline.prompting import render
+from tuneline.provenance import sha256_path, stamp
+from tuneline.records import read_jsonl, write_json, write_jsonl
+
+RECORD_FIELDS = {"prompt": (str, list), "completion": str, "meta": dict}
+PREFERENCE_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
+
+
+def judge(contract: Contract, text: str, expect: dict[str, Any]) -> dict[str, Any]:
+    """How a completion fares against the contract: parsed, schema-valid, task checks."""
+    parsed = parse_lenient(text)
+    errors = contract.validate(parsed.value) if parsed.ok else [parsed.error or "unparsable"]
+    checks = task_checks(parsed.value, expect) if parsed.ok else {k: False for k in expect}
+    valid = parsed.ok and not errors
+    return {
+        "parsed": parsed.ok,
+        "valid": valid,
+        "checks": checks,
+        "passes": valid and all(checks.values()),
+        "score": int(valid) + sum(checks.values()),
+    }
+
+
+# -- diverse negatives -------------------------------------------------------------------
+
+Strategy = Callable[[dict[str, Any], list[dict[str, Any]], Contract, random.Random], str | None]
+
+
+def drop_field(record: dict[str, Any], pool: list[dict[str, Any]], contract: Contract, rng: random.Random) -> str | None:
+    obj = json.loads(record["completion"])
+    required = [k for k in contract.schema.get("required", []) if k in obj]
+    if not required:
+        return None
+    del obj[rng.choice(required)]
+    return contract.canonical_text(obj)
+
+
+def array_root(record: dict[str, Any], pool: list[dict[str, Any]], contract: Contract, rng: random.Random) -> str | None:
+    return "[" + record["completion"] + "]"
+
+
+def truncate(record: dict[str, Any], pool: list[dict[str, Any]], contract: Contract, rng: random.Random) -> str | None:
+    text = record["completion"]
+    cut = rng.randint(len(text) // 3, max(len(text) // 3, len(text) * 9 // 10))
+    return text[:cut]
+
+
+def invalid_json(record: dict[str, Any], pool: list[dict[str, Any]], contract: Contract, rng: random.Random) -> str | None:
+    """One common syntax slip: a missing comma, a trailing comma, or single-quoted keys."""
+    text = record["completion"]
+    commas = [i for i, ch in enumerate(text) if ch == "," and text[i + 1 : i + 2] == '"']
+    kind = rng.choice(["missing_comma", "trailing_comma", "single_quotes"])
+    if kind == "missing_comma" and commas:
+        i = rng.choice(commas)
+        return text[:i] + text[i + 1 :]
+    if kind == "trailing_comma":
+        return text[:-1] + ",}"
+    return text.replace('":', "':").replace(',"', ",'").replace('{"', "{'")
+
+
+def _others(record: dict[str, Any], pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in pool if r["completion"] != record["completion"]]
+
+
+def off_topic(record: dict[str, Any], pool: list[dict[str, Any]], contract: Contract, rng: random.Random) -> str | None:
+    """Another record's valid envelope that fails this record's task checks (another
+    destination), preferring one of the same payload type so only the topic is wrong."""
+    expect = record["meta"].get("expect", {})
+    topic_keys = [k for k in expect if k != "payload_type"]
+    if not topic_keys:
+        return None
+    sub = {k: expect[k] for k in topic_keys}
+    candidates = [r for r in _others(record, pool) if not all(task_checks(json.loads(r["completion"]), sub).values())]
+    same_type = [r for r in candidates if r["meta"].get("payload_type") == record["meta"].get("payload_type")]
+    chosen = same_type or candidates
+    return rng.choice(chosen)["completion"] if chosen else None
+
+
+def wrong_payload_type(record: dict[str, Any], pool: list[dict[str, Any]], contract: Contract, rng: random.Random) -> str | None:
+    """An envelope of another payload type: another record's for the same topic when one
+    exists, else this envelope relabelled with another allowed payload type."""
+    expect = record["meta"].get("expect", {})
+    if "payload_type" not in expect:
+        return None
+    topic = {k: v for k, v in expect.items() if k != "payload_type"}
+    others = [
+        r for r in _others(record, pool)
+        if not task_checks(json.loads(r["completion"]), {"payload_type": expect["payload_type"]})["payload_type"]
+    ]
+    same_topic = [r for r in others if all(task_checks(json.loads(r["completion"]), topic).values())]
+    if same_topic:
+        return rng.choice(same_topic)["completion"]
+    allowed = contract.schema.get("properties", {}).get("payload_type", {}).get("enum", [])
+    choices = [t for t in allowed if t != expect["payload_type"]]
+    if not choices:
+        return rng.choice(others)["completion"] if others else None
+    obj = json.loads(record["completion"])
+    obj["payload_type"] = rng.choice(choices)
+    return contract.canonical_text(obj)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "drop_field": drop_field,
+    "array_root": array_root,
+    "truncate": truncate,
+    "invalid_json": invalid_json,
+    "off_topic": off_topic,
+    "wrong_payload_type": wrong_payload_type,
+}
+
+
+def negatives(
+    records: list[dict[str, Any]], contract: Contract, strategies: list[str], per_record: int, seed: int,
+    path: Path,
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """``per_record`` pairs per record, strategies rotated so each is used about equally."""
+    rng = random.Random(seed)
+    pairs: list[dict[str, Any]] = []
+    skipped: Counter[str] = Counter()
+    turn = 0
+    for record in records:
+        expect = record["meta"].get("expect", {})
+        verdict = judge(contract, record["completion"], expect)
+        if not verdict["passes"]:
+            raise InputError(
+                f"{path}:{record['_line']}: the completion of record {record['id']!r} fails the contract "
+                f"(valid={verdict['valid']}, checks={verdict['checks']}); pairs needs valid chosen envelopes"
+            )
+        made = 0
+        for offset in range(len(strategies)):
+            if made == per_record:
+                break
+            name = strategies[(turn + offset) % len(strategies)]
+            rejected = STRATEGIES[name](record, records, contract, rng)
+            if rejected is None or judge(contract, rejected, expect)["passes"]:
+                skipped[name] += 1
+                continue
+            pairs.append(
+                {
+                    "id": f"{record['id']}:{name}",
+                    "prompt": record["prompt"],
+                    "chosen": record["completion"],
+                    "rejected": rejected,
+                    "meta": {"strategy": name, "source_id": record["id"], "expect": expect},
+                }
+            )
+            made += 1
+        turn += 1
+    return pairs, skipped
+
+
+# -- imported and on-policy pairs --------------------------------------------------------
+
+
+def imported(path: Path, fmt: str) -> list[dict[str, Any]]:
+    records = read_jsonl(path, required=PREFERENCE_FIELDS)
+    return [
+        {
+            "id": f"imported:{r['id']}",
+            "prompt": render(r["prompt"], fmt),
+            "chosen": r["chosen"],
+            "rejected": r["rejected"],
+            "meta": {**r.get("meta", {}), "strategy": "imported", "source_id": r["id"]},
+        }
+        for r in records
+    ]
+
+
+def sample(loaded: Any, prompts: list[Any], params: Params) -> list[list[tuple[str, float]]]:
+    """k samples per prompt with their mean token log-prob under the sampling model."""
+    import torch
+
+    pp = params.pairs
+    tokenizer, model = loaded.tokenizer, loaded.model
+    pad = tokenizer.pad_token_id
+    torch.manual_seed(params.seed)
+    results: list[list[tuple[str, float]]] = []
+    for start in range(0, len(prompts), pp.on_policy_batch_size):
+        batch = [loaded.render_ids(p) for p in prompts[start : start + pp.on_policy_batch_size]]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=loaded.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=loaded.device)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=pp.on_policy_temperature,
+                top_p=pp.on_policy_top_p, max_new_tokens=pp.on_policy_max_new_tokens,
+                num_return_sequences=pp.on_policy_k, pad_token_id=pad, return_dict_in_generate=True,
+                output_logits=True,
+            )
+        generated = out.sequences[:, width:]
+        logits = torch.stack(out.logits, dim=1).float()
+        token_logps = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+        eos = tokenizer.eos_token_id
+        for i in range(len(batch)):
+            group = []
+            for j in range(pp.on_policy_k):
+                row = i * pp.on_policy_k + j
+                ids = generated[row].tolist()
+                n = ids.index(eos) + 1 if eos in ids else len(ids)
+                text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+                mean_logp = float(token_logps[row, :n].mean()) if n else float("-inf")
+                group.append((text, mean_logp))
+            results.append(group)
+    return results
+
+
+def on_policy(records: list[dict[str, Any]], contract: Contract, params: Params) -> list[dict[str, Any]]:
+    """Best vs worst of k samples per prompt, ranked by contract score then mean log-prob."""
+    from tuneline.training import load_for_eval
+
+    pp = params.pairs
+    chosen_records = records[: pp.on_policy_max_prompts]
+    loaded = load_for_eval(params, params.paths.sft_model)
+    loaded.model.eval()
+    samples = sample(loaded, [r["prompt"] for r in chosen_records], params)
+    pairs = []
+    for record, group in zip(chosen_records, samples, strict=True):
+        expect = record["meta"].get("expect", {})
+        scored = sorted(
+            ((judge(contract, text, expect)["score"], logp, text) for text, logp in group),
+            key=lambda s: (s[0], s[1]),
+        )
+        worst, best = scored[0], scored[-1]
+        if best[0] == worst[0] or best[2] == worst[2]:
+            continue
+        pairs.append(
+            {
+                "id": f"{record['id']}:on_policy",
+                "prompt": record["prompt"],
+                "chosen": best[2].strip(),
+                "rejected": worst[2].strip(),
+                "meta": {
+                    "strategy": "on_policy", "source_id": record["id"], "expect": expect,
+                    "chosen_score": best[0], "rejected_score": worst[0],
+                    "chosen_mean_logp": round(best[1], 4), "rejected_mean_logp": round(worst[1], 4),
+                },
+            }
+        )
+    return pairs
+
+
+def run(params: Params) -> dict[str, Any]:
+    pp = params.pairs
+    train_path = Path(params.paths.clean) / "train.jsonl"
+    records = read_jsonl(train_path, required=RECORD_FIELDS)
+    for number, record in enumerate(records, start=1):
+        record["_line"] = number
+    if pp.max_records is not None and pp.max_records < len(records):
+        records = sorted(random.Random(params.seed).sample(records, pp.max_records), key=lambda r: r["_line"])
+    contract = load_contract(params.paths.schema_file)
+
+    pairs, skipped = negatives(records, contract, list(pp.strategies), pp.negatives_per_record, params.seed, train_path)
+    if pp.on_policy:
+        pairs += on_policy(records, contract, params)
+    preferences = Path(params.paths.generated) / "preferences.jsonl"
+    if pp.include_imported and preferences.is_file():
+        pairs += imported(preferences, params.model.format)
+    if not pairs:
+        raise InputError(f"{train_path}: no preference pairs could be made (pairs.strategies: {list(pp.strategies)})")
+
+    out = Path(params.paths.pairs) / "train.jsonl"
+    write_jsonl(out, pairs)
+    counts = Counter(p["meta"]["strategy"] for p in pairs)
+    metrics = {
+        "pairs": len(pairs),
+        "source_records": len(records),
+        "per_strategy": dict(sorted(counts.items())),
+        "skipped_per_strategy": dict(sorted(skipped.items())),
+        "data_sha256": sha256_path(out),
+        "provenance": stamp(seed=params.seed),
+    }
+    write_json(Path(params.paths.metrics) / "pairs.json", metrics)
+    return metrics

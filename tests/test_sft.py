@@ -1,0 +1,160 @@
+"""sft stage: completion-only labels with the terminator, plan, guards, resume, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_data import clean_records, tiny_params, write_clean
+
+from tuneline.errors import InputError, TunelineError
+from tuneline.modeling import load
+from tuneline.records import write_json
+from tuneline.stages import sft
+from tuneline.training import MARKER, GuardCallback, _manifest, resume_checkpoint
+
+
+def test_prompt_masked_terminator_in_loss(tmp_path: Path, tiny_model_dir: Path) -> None:
+    params = tiny_params(tmp_path, tiny_model_dir)
+    loaded = load(tiny_model_dir, params.model)
+    records = clean_records()[:3]
+    for n, r in enumerate(records, start=1):
+        r["_line"] = n
+    rows, stats = sft.tokenize(loaded, records, 2048, Path("train.jsonl"))
+    trainer = sft.build_trainer(params, loaded, rows, [], tmp_path / "ckpt")
+    eos = loaded.tokenizer.eos_token_id
+    assert loaded.tokenizer.pad_token_id == eos  # the case where a naive collator would mask the terminator
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    for i, record in enumerate(records):
+        prompt_len = len(loaded.render_ids(record["prompt"]))
+        length = int(batch["attention_mask"][i].sum())
+        labels = batch["labels"][i]
+        assert (labels[:prompt_len] == -100).all()
+        assert (labels[prompt_len:length] != -100).all()
+        assert int(batch["input_ids"][i][length - 1]) == eos
+        assert int(labels[length - 1]) == eos  # the terminator is inside the loss
+        assert (labels[length:] == -100).all()  # padding is not
+    assert stats["completion_tokens"] == int((batch["labels"] != -100).sum())
+
+
+def test_sft_run_outputs(tmp_path: Path, tiny_model_dir: Path) -> None:
+    params = tiny_params(tmp_path, tiny_model_dir)
+    write_clean(params)
+    metrics = sft.run(params)
+    out = Path(params.paths.sft_model)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["stack"] == [params.paths.sft_model] and prov["parent"] is None
+    assert prov["base"]["content_sha256"] and prov["data"] and prov["git"] and prov["versions"]["trl"]
+    assert "## Plan" in (out / "README.md").read_text()
+    written = json.loads((tmp_path / "metrics/sft.json").read_text())
+    assert written["plan"]["optimizer_steps"] == metrics["steps"] == 2
+    assert written["plan"]["records"] == 8 and written["tokens_seen"] > 0
+    assert all(torch.isfinite(torch.tensor(written[k])) for k in ("train_loss", "eval_loss"))
+    assert written["max_weight_change"] > 0
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())
+    assert (tmp_path / "metrics/sft/loss.tsv").read_text().startswith("step\tloss\n")
+    assert (tmp_path / "metrics/sft/learning_rate.tsv").is_file()
+    assert not list((tmp_path / "models/checkpoints/sft").glob("checkpoint-*"))
+
+
+def test_plan_warns_then_fails_when_strict(tmp_path: Path, tiny_model_dir: Path) -> None:
+    params = tiny_params(tmp_path, tiny_model_dir, {"sft": {"min_optimizer_steps": 100}})
+    write_clean(params)
+    metrics = sft.run(params)
+    assert any("only 2 optimizer steps" in w for w in metrics["warnings"])
+    strict = tiny_params(tmp_path / "strict", tiny_model_dir, {"sft": {"min_optimizer_steps": 100, "strict_plan": True}})
+    write_clean(strict)
+    with pytest.raises(InputError, match=r"sft.min_optimizer_steps: .*only 2 optimizer steps.*strict_plan"):
+        sft.run(strict)
+    assert not Path(strict.paths.sft_model).exists()
+
+
+def test_non_finite_loss_stops_without_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:
+    params = tiny_params(tmp_path, tiny_model_dir, {"sft": {"learning_rate": 1e38, "max_grad_norm": 1e38}})
+    write_clean(params)
+    with pytest.raises(TunelineError, match=r"at step \d+; training stopped|at step \d+ made weight"):
+        sft.run(params)
+    assert not Path(params.paths.sft_model).exists()
+
+
+def test_zero_learning_rate_fails(tmp_path: Path, tiny_model_dir: Path) -> None:
+    params = tiny_params(tmp_path, tiny_model_dir, {"sft": {"learning_rate": 0.0}})
+    write_clean(params)
+    with pytest.raises(TunelineError, match="identical to their initial values"):
+        sft.run(params)
+    assert not Path(params.paths.sft_model).exists()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_matches_uninterrupted(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 8 records, batch 2: 4 steps per epoch, 2 epochs; checkpoints every 3 steps.
+    overrides = {"sft": {"num_epochs": 2, "per_device_batch_size": 2, "save_steps": 3}}
+    straight = tiny_params(tmp_path / "a", tiny_model_dir, overrides)
+    write_clean(straight)
+    sft.run(straight)
+
+    resumed = tiny_params(tmp_path / "b", tiny_model_dir, overrides)
+    write_clean(resumed)
+
+    class KilledAtStep5(GuardCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            if state.global_step == 5:
+                raise Interrupt("killed")
+
+    monkeypatch.setattr(sft, "GuardCallback", KilledAtStep5)
+    with pytest.raises(Interrupt):
+        sft.run(resumed)
+    ckpts = Path(resumed.paths.checkpoints) / "sft"
+    assert (ckpts / "checkpoint-3" / MARKER).is_file()
+    (ckpts / "checkpoint-7").mkdir()  # a save that was cut off: no marker, must be ignored
+    (ckpts / "checkpoint-7" / "adapter_model.safetensors").write_bytes(b"partial")
+    assert not Path(resumed.paths.sft_model).exists()
+
+    monkeypatch.undo()
+    metrics = sft.run(resumed)
+    assert metrics["resumed_from_step"] == 3 and metrics["steps"] == 8
+    a = load_file(Path(straight.paths.sft_model) / "adapter_model.safetensors")
+    b = load_file(Path(resumed.paths.sft_model) / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def _fake_checkpoint(root: Path, step: int, run_id: str) -> Path:
+    ckpt = root / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "adapter_model.safetensors").write_bytes(b"weights %d" % step)
+    write_json(ckpt / MARKER, {"fingerprint": run_id, "step": step, "files": _manifest(ckpt)})
+    return ckpt
+
+
+def test_resume_picks_newest_complete_and_refuses_lone_corrupt(tmp_path: Path) -> None:
+    good = _fake_checkpoint(tmp_path, 2, "run")
+    newest = _fake_checkpoint(tmp_path, 4, "run")
+    (newest / "adapter_model.safetensors").write_bytes(b"bit rot")
+    other = _fake_checkpoint(tmp_path, 6, "another-run")
+    assert resume_checkpoint(tmp_path, "run", "sft") == good
+    assert not other.exists()  # checkpoints of a different run are dropped
+    import shutil
+
+    shutil.rmtree(good)
+    with pytest.raises(TunelineError, match=r"checkpoint-4 \(adapter_model.safetensors differs"):
+        resume_checkpoint(tmp_path, "run", "sft")
+    assert resume_checkpoint(tmp_path / "none", "run", "sft") is None
+
+
+def test_completion_with_special_token_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    params = tiny_params(tmp_path, tiny_model_dir)
+    records = clean_records()
+    records[3]["completion"] += "<|im_end|>"
+    write_clean(params, records)
+    with pytest.raises(InputError, match=r"train.jsonl:2: completion contains special token"):
+        sft.run(params)
