@@ -33,9 +33,10 @@ def write_run(tmp_path, model, flags, *, suite=SUITE_SHA, ids=None):
         for i in range(n)
     ]
     write_jsonl(tmp_path / "reports" / "probe" / f"{model}.samples.jsonl", samples)
+    causes = {"ok": sum(flags["valid"]), "invalid_json": n - sum(flags["valid"])}
     write_json(
         tmp_path / "metrics" / "probe" / f"{model}.json",
-        {"n": n, "suite_sha256": suite, "contract_sha256": CONTRACT_SHA},
+        {"n": n, "suite_sha256": suite, "contract_sha256": CONTRACT_SHA, "failure_causes": causes},
     )
 
 
@@ -109,6 +110,7 @@ def test_compare_report_verdicts_power_note_and_plot(tmp_path):
     assert "a lower schema valid rate (-25.0 points" in sft_dpo and "p < 0.001: worse)" in sft_dpo
     assert "## Power" in report and "too small to detect a 10.0-point difference at 80% power" in report
     assert "| base | 60 |" in report
+    assert "- base: invalid_json 40" in report and "- dpo: invalid_json 17" in report
     assert "![rates with intervals](compare_rates.png)" in report
     png = (tmp_path / "reports" / "compare_rates.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
@@ -168,3 +170,19 @@ def test_pairs_param_adds_comparisons(tmp_path):
     metrics = compare.run(params)
     assert {"base_vs_sft", "dpo_vs_sft", "dpo_vs_base"} <= set(metrics)
     assert "sft_vs_base" not in metrics
+
+
+def test_single_model_report_has_rates_only(tmp_path):
+    write_run(tmp_path, "base", outcomes(10, parsed=range(5), valid=range(3)))
+    params = parse_params(
+        {
+            "paths": {"metrics": str(tmp_path / "metrics"), "reports": str(tmp_path / "reports")},
+            "probe": {"models": {"base": None}},
+            "compare": {"pairs": []},
+        }
+    )
+    metrics = compare.run(params)
+    assert set(metrics) == {"base", "suite_sha256", "contract_sha256", "provenance"}
+    report = (tmp_path / "reports" / "compare.md").read_text()
+    assert "Nothing to compare" in report and "Paired differences" not in report
+    assert "| base | 10 | 50.0% [" in report

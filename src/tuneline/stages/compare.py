@@ -245,6 +245,13 @@ def power_note(
     )
 
 
+def failure_causes(run: ProbeRun) -> dict[str, int]:
+    """Failure cause counts from the probe metrics, most frequent first (``ok`` left out)."""
+    counts = run.metrics.get("failure_causes") or {}
+    ranked = sorted(((c, n) for c, n in counts.items() if c != "ok"), key=lambda cn: (-cn[1], cn[0]))
+    return dict(ranked)
+
+
 def comparisons(params: Params) -> list[tuple[str, str]]:
     """(model, other) pairs: each model against the baseline, then compare.pairs."""
     names = list(params.probe.models)
@@ -264,7 +271,9 @@ def render_markdown(
     min_effect: float,
     power: float,
     plot_name: str | None,
+    causes: Mapping[str, Mapping[str, int]] | None = None,
 ) -> str:
+    """The report; ``causes`` maps model -> failure cause -> count (most frequent first)."""
     pct = round(conf * 100)
     models = list(rates)
     metrics = list(next(iter(rates.values())))
@@ -279,6 +288,8 @@ def render_markdown(
         "",
     ]
     lines += [f"- {verdict(m, o, d, conf=conf)}" for (m, o), d in diffs.items()]
+    if not diffs:
+        lines.append("- Nothing to compare: one model, and no pairs in compare.pairs.")
     notes = [
         note
         for (m, o), d in diffs.items()
@@ -296,13 +307,19 @@ def render_markdown(
             for m in metrics
         ]
         lines.append(f"| {model} | {int(row[metrics[0]]['n'])} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"## Paired differences (points, {pct}% bootstrap interval)",
-        "",
-        "| comparison | outcome | diff | interval | p (McNemar) | only model | only other |",
-        "|---|---|---:|---|---:|---:|---:|",
-    ]
+    if causes:
+        lines += ["", "## Failure causes (count of prompts)", ""]
+        for model in models:
+            listed = ", ".join(f"{cause} {count}" for cause, count in causes.get(model, {}).items())
+            lines.append(f"- {model}: {listed or 'none'}")
+    if diffs:
+        lines += [
+            "",
+            f"## Paired differences (points, {pct}% bootstrap interval)",
+            "",
+            "| comparison | outcome | diff | interval | p (McNemar) | only model | only other |",
+            "|---|---|---:|---|---:|---:|---:|",
+        ]
     for (model, other), per_metric in diffs.items():
         for metric, s in per_metric.items():
             lines.append(
@@ -394,6 +411,7 @@ def run(params: Params) -> dict[str, Any]:
         min_effect=cp.min_effect,
         power=cp.power,
         plot_name=plot_path.name,
+        causes={name: failure_causes(run) for name, run in runs.items()},
     )
     write_text(reports / "compare.md", markdown)
 
