@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_data import clean_records, tiny_params, write_clean
 
+from training_data import clean_records, tiny_params, write_clean
 from tuneline.errors import InputError, TunelineError
 from tuneline.modeling import load
 from tuneline.records import write_json

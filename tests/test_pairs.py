@@ -1,0 +1,77 @@
+"""pairs stage: every negative strategy fails the contract while its chosen passes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training_data import SCHEMA, clean_records, tiny_params, write_clean
+from tuneline.contract import load_contract, parse_lenient
+from tuneline.errors import InputError
+from tuneline.records import read_jsonl, write_jsonl
+from tuneline.stages import pairs
+
+
+def _records() -> list[dict]:
+    records = clean_records()
+    for n, r in enumerate(records, start=1):
+        r["_line"] = n
+    return records
+
+
+@pytest.mark.parametrize("strategy", sorted(pairs.STRATEGIES))
+def test_each_strategy_rejected_fails_chosen_passes(strategy: str) -> None:
+    contract = load_contract(SCHEMA)
+    records = _records()
+    made, skipped = pairs.negatives(records, contract, [strategy], 1, 0, Path("train.jsonl"))
+    assert len(made) == len(records) and not skipped
+    for pair in made:
+        expect = pair["meta"]["expect"]
+        assert pair["meta"]["strategy"] == strategy
+        assert pairs.judge(contract, pair["chosen"], expect)["passes"]
+        verdict = pairs.judge(contract, pair["rejected"], expect)
+        assert not verdict["passes"]
+        assert pair["rejected"] != pair["chosen"]
+        if strategy in ("truncate", "invalid_json"):
+            assert not parse_lenient(pair["rejected"]).ok
+        if strategy == "array_root":
+            assert isinstance(parse_lenient(pair["rejected"]).value, list)
+        if strategy == "drop_field":
+            assert not verdict["valid"]
+        if strategy == "off_topic":
+            assert verdict["valid"] and not verdict["checks"]["destination"]
+        if strategy == "wrong_payload_type":
+            assert not verdict["checks"]["payload_type"]
+
+
+def test_run_counts_strategies_imports_and_is_seeded(tmp_path: Path, tiny_model_dir: Path) -> None:
+    params = tiny_params(tmp_path, tiny_model_dir)
+    write_clean(params, clean_records(), val=0)
+    write_jsonl(
+        Path(params.paths.generated) / "preferences.jsonl",
+        [{"id": "p1", "prompt": "Plan a day in Rome.", "chosen": "{}", "rejected": "no", "meta": {"from": "x"}}],
+    )
+    metrics = pairs.run(params)
+    out = Path(params.paths.pairs) / "train.jsonl"
+    first = out.read_bytes()
+    rows = read_jsonl(out)
+    assert metrics["pairs"] == len(rows) == 11
+    assert sum(metrics["per_strategy"].values()) == 11 and metrics["per_strategy"]["imported"] == 1
+    assert set(metrics["per_strategy"]) == {*pairs.STRATEGIES, "imported"}
+    assert all(r["meta"]["strategy"] for r in rows)
+    imported = next(r for r in rows if r["meta"]["strategy"] == "imported")
+    assert imported["prompt"] == "### Instruction\nPlan a day in Rome.\n\n### Response\n"
+    assert json.loads((tmp_path / "metrics/pairs.json").read_text())["per_strategy"] == metrics["per_strategy"]
+    pairs.run(params)
+    assert out.read_bytes() == first
+
+
+def test_invalid_chosen_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    params = tiny_params(tmp_path, tiny_model_dir)
+    records = clean_records()
+    records[2]["completion"] = records[2]["completion"][:-1]
+    write_clean(params, records, val=0)
+    with pytest.raises(InputError, match=r"train.jsonl:3: the completion of record .* fails the contract"):
+        pairs.run(params)
