@@ -17,15 +17,12 @@ import typer
 from rich.console import Console
 
 from tuneline import archive, verify
-from tuneline import archive, verify
 from tuneline.errors import TunelineError
 from tuneline.params import Params, check_runtime, load_params
 
 app = typer.Typer(help="Reproducible LLM post-training pipeline driven by DVC.", no_args_is_help=True)
 params_app = typer.Typer(help="Inspect and validate params.yaml.", no_args_is_help=True)
 app.add_typer(params_app, name="params")
-app.add_typer(archive.app, name="archive")
-app.add_typer(verify.app, name="verify")
 app.add_typer(archive.app, name="archive")
 app.add_typer(verify.app, name="verify")
 err = Console(stderr=True)
