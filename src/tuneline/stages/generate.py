@@ -1,0 +1,313 @@
+"""generate: build supervised examples from templates, a teacher model and imported files.
+
+Reads:   ``paths.seed_dir``: ``destinations.jsonl`` and ``train_phrasings.json`` (template and
+         teacher sources), ``gold.jsonl`` (teacher shots); ``paths.schema_file`` (canonical
+         key order of template envelopes); the teacher model (``generate.sources.teacher.model``,
+         default ``paths.base_model``) when enabled; ``generate.sources.import.path`` when enabled.
+Writes:  ``paths.generated``/``sft.jsonl``, ``paths.generated``/``preferences.jsonl`` (imported
+         preference triples, possibly empty), ``paths.metrics``/``generate.json``.
+Params:  ``seed``, ``paths``, ``model`` (dtype/device for the teacher; the teacher is always
+         prompted in completion format), ``generate``.
+
+Records follow TRL's prompt/completion convention: ``prompt`` is the raw instruction (the
+prompt format is applied in ``clean``), ``completion`` the answer text (canonical envelope
+JSON for templates; the leniently extracted and canonicalised JSON for the teacher when it
+parses, its raw text otherwise; imported text unchanged). Every record carries ``meta``
+(``instruction``, ``source``, ``expect`` and, where known, ``payload_type``/``destination``)
+and ``provenance`` (source, seed, generator version, file hashes, teacher decoding, shots,
+or imported file and line). Sources are mixed in the order template, teacher, import; each
+source's ``max_records`` keeps a seeded subset in the original order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tuneline.contract import Contract, load_contract, parse_lenient
+from tuneline.datagen import imports, teacher, travel
+from tuneline.params import Params
+from tuneline.provenance import sha256_file, stamp
+from tuneline.records import read_jsonl, write_json, write_jsonl
+
+KNOWLEDGE_BASE = "destinations.jsonl"
+PHRASINGS = "train_phrasings.json"
+GOLD = "gold.jsonl"
+
+
+def run(params: Params) -> dict[str, Any]:
+    sources = params.generate.sources
+    seed_dir = Path(params.paths.seed_dir)
+    contract = load_contract(params.paths.schema_file)
+    records: list[dict[str, Any]] = []
+    preferences: list[dict[str, Any]] = []
+    details: dict[str, Any] = {}
+
+    needs_templates = sources.template.enabled or sources.teacher.enabled
+    examples = _template_examples(params, seed_dir) if needs_templates else []
+    if sources.template.enabled:
+        provenance = {
+            "source": "template",
+            "generator": _generator_version(),
+            "seed": params.seed,
+            "knowledge_base_sha256": sha256_file(seed_dir / KNOWLEDGE_BASE),
+            "phrasings_sha256": sha256_file(seed_dir / PHRASINGS),
+        }
+        made = [_template_record(e, provenance, contract) for e in examples]
+        records += _cap(made, sources.template.max_records, params.seed, "template")
+    if sources.teacher.enabled:
+        made, details["teacher"] = _teacher_records(params, seed_dir, examples, contract)
+        records += _cap(made, sources.teacher.max_records, params.seed, "teacher")
+    if sources.imported.enabled:
+        made, prefs, details["import"] = _import_records(params)
+        records += _cap(made, sources.imported.max_records, params.seed, "import")
+        preferences += prefs
+
+    out_dir = Path(params.paths.generated)
+    write_jsonl(out_dir / "sft.jsonl", records)
+    write_jsonl(out_dir / "preferences.jsonl", preferences)
+    metrics = {
+        "records": len(records),
+        "preferences": len(preferences),
+        "by_source": dict(sorted(Counter(r["meta"]["source"] for r in records).items())),
+        "by_payload_type": dict(
+            sorted(Counter(r["meta"].get("payload_type") or "unknown" for r in records).items())
+        ),
+        **details,
+        "provenance": stamp(
+            seed=params.seed, contract_sha256=sha256_file(params.paths.schema_file)
+        ),
+    }
+    write_json(Path(params.paths.metrics) / "generate.json", metrics)
+    return metrics
+
+
+# -- template ----------------------------------------------------------------------------
+
+
+def _template_examples(params: Params, seed_dir: Path) -> list[travel.Example]:
+    return travel.template_examples(
+        travel.load_destinations(seed_dir / KNOWLEDGE_BASE),
+        travel.load_phrasings(seed_dir / PHRASINGS),
+        seed=params.seed,
+        variants=params.generate.sources.template.variants,
+    )
+
+
+def _generator_version() -> str:
+    return "travel-" + sha256_file(travel.__file__)[:12]
+
+
+def _template_record(
+    e: travel.Example, provenance: dict[str, Any], contract: Contract
+) -> dict[str, Any]:
+    return {
+        "id": f"tpl-{e.key}",
+        "prompt": e.instruction,
+        "completion": contract.canonical_text(e.envelope),
+        "meta": {
+            "instruction": e.instruction,
+            "source": "template",
+            "payload_type": e.payload_type,
+            "destination": e.destination,
+            "expect": {"payload_type": e.payload_type, "payload.destination": e.destination},
+            "phrasing": e.phrasing,
+            "profile": e.profile,
+        },
+        "provenance": dict(provenance),
+    }
+
+
+# -- teacher -----------------------------------------------------------------------------
+
+
+def _teacher_records(
+    params: Params, seed_dir: Path, examples: Sequence[travel.Example], contract: Contract
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from tuneline import modeling
+
+    tp = params.generate.sources.teacher
+    gold = read_jsonl(
+        seed_dir / GOLD,
+        required={"instruction": str, "payload_type": str, "destination": str, "completion": dict},
+    )
+    rng = random.Random(f"{params.seed}:teacher")
+    requests = list(examples)
+    if tp.max_prompts is not None and tp.max_prompts < len(requests):
+        requests = [requests[i] for i in sorted(rng.sample(range(len(requests)), tp.max_prompts))]
+    shots_for = [travel_shots(gold, tp.shots, e, params.seed) for e in requests]
+    prompts = [
+        teacher.shot_prompt(
+            [(g["instruction"], contract.canonical_text(g["completion"])) for g in shots],
+            e.instruction,
+        )
+        for e, shots in zip(requests, shots_for, strict=True)
+    ]
+    model_path = tp.model or params.paths.base_model
+    spec = params.model.model_copy(update={"format": "completion"})
+    loaded = modeling.load(model_path, spec)
+    samples = teacher.generate(
+        loaded,
+        prompts,
+        n_samples=tp.n_samples,
+        temperature=tp.temperature,
+        top_p=tp.top_p,
+        max_new_tokens=tp.max_new_tokens,
+        batch_size=tp.batch_size,
+        seed=params.seed,
+    )
+    decoding = {
+        "temperature": tp.temperature,
+        "top_p": tp.top_p,
+        "max_new_tokens": tp.max_new_tokens,
+        "n_samples": tp.n_samples,
+        "do_sample": tp.temperature > 0,
+        "batch_size": tp.batch_size,
+    }
+    teacher_ref = {
+        "model": str(model_path),
+        "content_sha256": loaded.provenance["content_sha256"],
+        "dtype": loaded.provenance["dtype"],
+        "device": loaded.provenance["device"],
+    }
+    records = []
+    parsed_count = 0
+    finish = Counter()
+    for e, shots, outs in zip(requests, shots_for, samples, strict=True):
+        for s, sample in enumerate(outs):
+            parsed = parse_lenient(sample.text)
+            completion = sample.text
+            if parsed.ok and isinstance(parsed.value, dict):
+                completion = contract.canonical_text(parsed.value)
+                parsed_count += 1
+            finish[sample.finish_reason] += 1
+            records.append(
+                {
+                    "id": f"teacher-{e.key}-{s}",
+                    "prompt": e.instruction,
+                    "completion": completion,
+                    "meta": {
+                        "instruction": e.instruction,
+                        "source": "teacher",
+                        "payload_type": e.payload_type,
+                        "destination": e.destination,
+                        "expect": {
+                            "payload_type": e.payload_type,
+                            "payload.destination": e.destination,
+                        },
+                        "phrasing": e.phrasing,
+                        "profile": e.profile,
+                    },
+                    "provenance": {
+                        "source": "teacher",
+                        "teacher": teacher_ref,
+                        "format": "completion",
+                        "decoding": decoding,
+                        "seed": params.seed,
+                        "sample": s,
+                        "shots": [g["id"] for g in shots],
+                        "finish_reason": sample.finish_reason,
+                        "n_tokens": sample.n_tokens,
+                        "parsed": parsed.ok,
+                    },
+                }
+            )
+    stats = {
+        "prompts": len(requests),
+        "samples": len(records),
+        "parsed": parsed_count,
+        "finish_reasons": dict(sorted(finish.items())),
+        "teacher": teacher_ref,
+        "decoding": decoding,
+    }
+    return records, stats
+
+
+def travel_shots(
+    gold: Sequence[dict[str, Any]], k: int, e: travel.Example, seed: int
+) -> list[dict[str, Any]]:
+    """Gold shots for one request: seeded per request, never showing its own destination."""
+    pool = [g for g in gold if g["destination"] != e.destination]
+    return teacher.pick_shots(pool, k, e.payload_type, random.Random(f"{seed}:shots:{e.key}"))
+
+
+# -- import ------------------------------------------------------------------------------
+
+
+def _import_records(
+    params: Params,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    ip = params.generate.sources.imported
+    assert ip.path is not None  # enforced by the params model
+    result = imports.read_import(ip.path, ip.format)
+    file_hash = sha256_file(ip.path)
+
+    def provenance(line: int, original_id: Any) -> dict[str, Any]:
+        prov = {
+            "source": "import",
+            "file": str(ip.path),
+            "file_sha256": file_hash,
+            "line": line,
+            "format": result.format,
+        }
+        if original_id is not None:
+            prov["original_id"] = original_id
+        return prov
+
+    records = []
+    for ex in result.examples:
+        meta: dict[str, Any] = {
+            "instruction": ex.instruction,
+            "source": "import",
+            "expect": dict(ex.expect),
+        }
+        if "payload_type" in ex.expect:
+            meta["payload_type"] = ex.expect["payload_type"]
+        if ex.system is not None:
+            meta["system"] = ex.system
+        records.append(
+            {
+                "id": f"import-{ex.line}",
+                "prompt": ex.instruction,
+                "completion": ex.completion,
+                "meta": meta,
+                "provenance": provenance(ex.line, ex.original_id),
+            }
+        )
+    preferences = [
+        {
+            "id": f"import-pref-{p.line}",
+            "prompt": p.prompt,
+            "chosen": p.chosen,
+            "rejected": p.rejected,
+            "meta": {"instruction": p.prompt, "source": "import", "strategy": "imported"},
+            "provenance": provenance(p.line, p.original_id),
+        }
+        for p in result.preferences
+    ]
+    stats = {
+        "file": str(ip.path),
+        "format": result.format,
+        "examples": len(records),
+        "preferences": len(preferences),
+        "file_sha256": file_hash,
+    }
+    return records, preferences, stats
+
+
+# -- mixing ------------------------------------------------------------------------------
+
+
+def _cap(
+    records: list[dict[str, Any]], limit: int | None, seed: int, source: str
+) -> list[dict[str, Any]]:
+    """A seeded subset of at most ``limit`` records, in their original order."""
+    if limit is None or limit >= len(records):
+        return records
+    digest = hashlib.sha256(f"{seed}:{source}".encode()).hexdigest()
+    keep = sorted(random.Random(digest).sample(range(len(records)), limit))
+    return [records[i] for i in keep]
