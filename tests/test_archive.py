@@ -132,17 +132,20 @@ def build_repo(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def legacy_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_repo(tmp_path_factory.mktemp("template") / "repo")
+def copy_of_template(factory: pytest.TempPathFactory, target: Path) -> Path:
+    """A fresh copy of the legacy repository (git, DVC cache and outputs included); the
+    template is built once per test session and shared by the test modules using it."""
+    template = factory.getbasetemp() / "legacy-template"
+    if not (template / "dvc.lock").exists():
+        shutil.rmtree(template, ignore_errors=True)
+        build_repo(template)
+    shutil.copytree(template, target, symlinks=True)
+    return target
 
 
 @pytest.fixture
-def repo(legacy_template: Path, tmp_path: Path) -> Path:
-    """A fresh copy of the legacy repository (git, DVC cache and outputs included)."""
-    target = tmp_path / "repo"
-    shutil.copytree(legacy_template, target, symlinks=True)
-    return target
+def repo(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
+    return copy_of_template(tmp_path_factory, tmp_path / "repo")
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -219,7 +219,7 @@ def load_dag(root: Path) -> Dag:
             )
         for path, dvcfile in dvcfiles.items():
             _declare_top_level(root, Path(path).parent, dvcfile, declare)
-    _declare_symlink_targets(root, declared)
+    declare_symlink_targets(root, declared)
     return Dag(root=root, stages=tuple(stages), declared={k: tuple(v) for k, v in declared.items()})
 
 
@@ -251,7 +251,7 @@ def _plot_files(item: Any) -> list[str]:
     return files
 
 
-def _declare_symlink_targets(root: Path, declared: dict[str, list[str]]) -> None:
+def declare_symlink_targets(root: Path, declared: dict[str, list[str]]) -> None:
     """A declared path reached through symlinks needs every hop; so do links inside a
     declared directory."""
     for rel, why in list(declared.items()):

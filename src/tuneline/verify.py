@@ -53,6 +53,7 @@ from tuneline.archive import (
     ARCHIVE_DIR,
     Dag,
     StageDecl,
+    declare_symlink_targets,
     find_root,
     keep_patterns,
     keep_spec,
@@ -276,6 +277,13 @@ def _age_atimes(project: Path) -> bool:
     return moved
 
 
+def declared_with_links(project: Path, stage: StageDecl) -> list[str]:
+    """The stage's deps and outs plus every path their symlinks lead to inside the copy."""
+    declared: dict[str, list[str]] = {p: [f"declared by {stage.name}"] for p in (*stage.deps, *stage.outs)}
+    declare_symlink_targets(project, declared)
+    return sorted(declared)
+
+
 @dataclass
 class Scratch:
     base: Path
@@ -284,6 +292,7 @@ class Scratch:
     log: Path
     atime_works: bool = False
     before: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    declared: list[str] = field(default_factory=list)  # deps, outs and their symlink targets
 
 
 @contextmanager
@@ -312,6 +321,7 @@ def scratch_copy(root: Path, stage: StageDecl, *, keep: bool = False) -> Iterato
         scratch.hooks.mkdir()
         (scratch.hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
         scratch.before = _snapshot(scratch.project)
+        scratch.declared = declared_with_links(scratch.project, stage)
         yield scratch
     finally:
         if not keep:
@@ -359,7 +369,7 @@ def _locate(path: str, scratch: Scratch, root: Path, ignored: tuple[str, ...]) -
 def analyse(scratch: Scratch, root: Path, stage: StageDecl, keep: Any) -> tuple[list[Finding], list[Finding]]:
     """Undeclared reads and writes of one run, from the audit log and the copy's state."""
     ignored = _ignored_prefixes()
-    declared = list(stage.deps) + list(stage.outs)
+    declared = scratch.declared
     reads: dict[str, str] = {}
     writes: dict[str, str] = {}
     written: set[str] = set()
@@ -404,7 +414,7 @@ def analyse(scratch: Scratch, root: Path, stage: StageDecl, keep: Any) -> tuple[
             writes.setdefault(rel, "created")
         elif (size, mtime, ino) != old[:3]:
             writes.setdefault(rel, "modified")
-        elif scratch.atime_works and atime > old[3] and rel not in seen and not _covered(rel, stage.deps):
+        elif scratch.atime_works and atime > old[3] and rel not in seen and not _covered(rel, declared):
             reads.setdefault(rel, "read outside Python's audit hook (native code)")
     for rel in scratch.before:
         if rel not in after and not _is_metadata(rel) and not _covered(rel, stage.outs):
