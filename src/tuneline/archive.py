@@ -713,14 +713,21 @@ def execute(root: Path, selected: Sequence[Candidate]) -> dict[str, Any]:
     (base / archive_id).mkdir(parents=True)
     _save_manifest(root, manifest)  # every move is on disk before the first one happens
     moved: list[dict[str, Any]] = []
-    for entry in entries:
-        src = root / entry["path"]
-        dst = base / archive_id / entry["archived_as"]
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(src, dst)
-        _remove_empty_parents(src.parent, root)
-        _journal(root, archive_id, "moved", entry["path"])
-        moved.append(entry)
+    try:
+        for entry in entries:
+            src = root / entry["path"]
+            dst = base / archive_id / entry["archived_as"]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dst)
+            moved.append(entry)
+            _remove_empty_parents(src.parent, root)
+            _journal(root, archive_id, "moved", entry["path"])
+    except OSError as exc:
+        _restore_entries(root, manifest, moved)
+        manifest["state"] = "rolled_back"
+        manifest["verification"] = {"ok": False, "problems": [f"move failed: {exc}"], "time": _iso(now_utc())}
+        _save_manifest(root, manifest)
+        raise TunelineError(f"archive {archive_id}: a move failed ({exc}); restored the {len(moved)} moved file(s)") from exc
     problems = [p for p in pipeline_problems(root) if p not in before]
     if problems:
         restored = _restore_entries(root, manifest, moved)

@@ -502,6 +502,19 @@ def _tree_files(tree: Any) -> dict[str, str]:
     return {"/".join(key): hash_info.value for key, _, hash_info in tree}
 
 
+def _cached_listing(out: Any) -> dict[str, str] | None:
+    """Per-file hashes of a directory output from the local DVC cache (never a remote)."""
+    from dvc_data.hashfile import load
+    from dvc_data.hashfile.tree import Tree
+    from dvc_objects.errors import ObjectFormatError
+
+    try:
+        tree = load(out.cache, out.hash_info)
+    except (FileNotFoundError, ObjectFormatError):
+        return None
+    return _tree_files(tree) if isinstance(tree, Tree) else None
+
+
 def _lock_hashes(root: Path, name: str) -> dict[str, tuple[str | None, dict[str, str] | None]]:
     """Out path -> (hash recorded in dvc.lock, per-file hashes when it is a directory)."""
     from dvc.exceptions import DvcException
@@ -517,8 +530,7 @@ def _lock_hashes(root: Path, name: str) -> dict[str, tuple[str | None, dict[str,
             value = out.hash_info.value if out.hash_info else None
             files = None
             if out.hash_info and out.hash_info.isdir:
-                tree = out.get_dir_cache()
-                files = _tree_files(tree) if tree is not None else None
+                files = _cached_listing(out)
             recorded[rel] = (value, files)
     return recorded
 
