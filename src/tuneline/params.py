@@ -149,24 +149,24 @@ class CleanParams(Section):
 
 class SftParams(Section):
     max_seq_len: PositiveInt = 384
-    num_epochs: PositiveFloat = 2.0
-    learning_rate: NonNegativeFloat = 2e-4
+    num_epochs: PositiveFloat = 1.0
+    learning_rate: NonNegativeFloat = 5e-4
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
-    per_device_batch_size: PositiveInt = 8
+    per_device_batch_size: PositiveInt = 4
     gradient_accumulation_steps: PositiveInt = 1
     weight_decay: NonNegativeFloat = 0.0
     max_grad_norm: PositiveFloat = 1.0
     gradient_checkpointing: bool = False
     padding_free: bool = False
     packing: bool = False
-    logging_steps: PositiveInt = 5
-    save_steps: PositiveInt = 50
+    logging_steps: PositiveInt = 2
+    save_steps: PositiveInt = 8
     eval_each_epoch: bool = True
-    min_optimizer_steps: NonNegativeInt = 50
+    min_optimizer_steps: NonNegativeInt = 30
     strict_plan: bool = False
-    max_records: PositiveInt | None = None
-    max_eval_records: PositiveInt | None = 32
+    max_records: PositiveInt | None = 128  # null: all (GPU scale)
+    max_eval_records: PositiveInt | None = 16
     lora: LoraParams = LoraParams()
     trainer: dict[str, Any] = Field(default_factory=dict)
 
@@ -194,16 +194,16 @@ class DpoParams(Section):
     learning_rate: NonNegativeFloat = 5e-5
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
-    per_device_batch_size: PositiveInt = 4
-    gradient_accumulation_steps: PositiveInt = 2
+    per_device_batch_size: PositiveInt = 2
+    gradient_accumulation_steps: PositiveInt = 1
     max_length: PositiveInt = 448
     precompute_ref_log_probs: bool = True
     gradient_checkpointing: bool = False
-    logging_steps: PositiveInt = 5
-    save_steps: PositiveInt = 50
-    min_optimizer_steps: NonNegativeInt = 20
+    logging_steps: PositiveInt = 2
+    save_steps: PositiveInt = 8
+    min_optimizer_steps: NonNegativeInt = 16
     strict_plan: bool = False
-    max_pairs: PositiveInt | None = None
+    max_pairs: PositiveInt | None = 32  # null: all (GPU scale)
     lora: LoraParams = LoraParams()
     trainer: dict[str, Any] = Field(default_factory=dict)
 

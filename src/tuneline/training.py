@@ -236,6 +236,13 @@ def announce_plan(plan: Plan, stage: str, min_steps: int, strict: bool) -> list[
             raise InputError(f"{text} ({stage}.strict_plan is true)")
         console.print(f"[bold red]WARNING[/] {text}", highlight=False)
         warnings.append(text)
+    if plan.optimizer_steps <= plan.warmup_steps:
+        text = (
+            f"{stage}.warmup_ratio: warmup takes {plan.warmup_steps} of {plan.optimizer_steps} optimizer steps, "
+            "so the learning rate never reaches its peak (the first step always runs at 0)"
+        )
+        console.print(f"[bold red]WARNING[/] {text}", highlight=False)
+        warnings.append(text)
     if plan.truncated:
         text = (
             f"{stage}: {plan.truncated} of {plan.records} records are longer than {plan.max_seq_len} tokens and "

@@ -184,7 +184,11 @@ def negatives(
 
 
 def imported(path: Path, fmt: str) -> list[dict[str, Any]]:
-    records = read_jsonl(path, required=PREFERENCE_FIELDS)
+    """Imported triples (raw instruction as prompt), rendered in the model format."""
+    records = read_jsonl(path, required=PREFERENCE_FIELDS, allow_empty=True)
+    for number, r in enumerate(records, start=1):
+        if not isinstance(r.get("meta", {}), dict):
+            raise InputError(f"{path}:{number}: field 'meta' must be an object, got {type(r['meta']).__name__}")
     return [
         {
             "id": f"imported:{r['id']}",
