@@ -30,8 +30,11 @@ directory listing in the DVC cache).
 
 from __future__ import annotations
 
+import difflib
 import graphlib
+import hashlib
 import inspect
+import itertools
 import json
 import os
 import shutil
@@ -96,12 +99,12 @@ def _audit_hook_main() -> None:
             return None
 
     def from_import() -> bool:
-        frame = _sys._getframe(1)
-        while frame is not None:
-            if frame.f_code.co_filename.startswith("<frozen importlib"):
-                return True
-            frame = frame.f_back
-        return False
+        # The frame that made the audited call: the import system's own loader, or not.
+        try:
+            caller = _sys._getframe(2)
+        except ValueError:  # no Python caller: the interpreter opening the main script
+            return False
+        return caller.f_code.co_filename.startswith("<frozen importlib")
 
     def emit(record: dict[str, object]) -> None:
         try:
@@ -486,7 +489,8 @@ class OutputCheck:
     path: str
     lock: str | None
     fresh: str | None
-    files: list[dict[str, str | None]] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)
+    diff: list[str] = field(default_factory=list)
 
     @property
     def same(self) -> bool:
@@ -496,6 +500,22 @@ class OutputCheck:
         data = asdict(self)
         data["same"] = self.same
         return data
+
+
+def _text_diff(workspace: Path, fresh: Path, lock_md5: str | None, limit: int = 40) -> list[str]:
+    """The first lines of a unified diff, when the workspace still holds the locked version
+    of a small text file (outputs with ``cache: false`` exist nowhere else)."""
+    if not (workspace.is_file() and fresh.is_file()) or max(workspace.stat().st_size, fresh.stat().st_size) > 1 << 20:
+        return []
+    old_bytes = workspace.read_bytes()
+    if hashlib.md5(old_bytes).hexdigest() != lock_md5:
+        return []
+    try:
+        old, new = old_bytes.decode("utf-8"), fresh.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return []
+    lines = difflib.unified_diff(old.splitlines(), new.splitlines(), "dvc.lock version", "re-run", lineterm="", n=1)
+    return list(itertools.islice(lines, limit))
 
 
 def _tree_files(tree: Any) -> dict[str, str]:
@@ -572,16 +592,20 @@ def verify_determinism(root: Path, name: str, *, keep_scratch: bool = False) -> 
         if code != 0:
             return [], code, tail
         fresh = _fresh_hashes(scratch.project, stage.name)
-    checks = []
-    for path, (lock_value, lock_files) in recorded.items():
-        fresh_value, fresh_files = fresh.get(path, (None, None))
-        check = OutputCheck(path=path, lock=lock_value, fresh=fresh_value)
-        if not check.same and lock_files is not None and fresh_files is not None:
-            for name_ in sorted(set(lock_files) | set(fresh_files)):
-                a, b = lock_files.get(name_), fresh_files.get(name_)
-                if a != b:
-                    check.files.append({"path": f"{path}/{name_}", "lock": a, "fresh": b})
-        checks.append(check)
+        checks = []
+        for path, (lock_value, lock_files) in recorded.items():
+            fresh_value, fresh_files = fresh.get(path, (None, None))
+            check = OutputCheck(path=path, lock=lock_value, fresh=fresh_value)
+            if not check.same and lock_files is not None and fresh_files is not None:
+                for name_ in sorted(set(lock_files) | set(fresh_files)):
+                    a, b = lock_files.get(name_), fresh_files.get(name_)
+                    if a != b:
+                        rel = f"{path}/{name_}"
+                        diff = _text_diff(root / rel, scratch.project / rel, a)
+                        check.files.append({"path": rel, "lock": a, "fresh": b, "diff": diff})
+            elif not check.same and lock_files is None:
+                check.diff = _text_diff(root / path, scratch.project / path, lock_value)
+            checks.append(check)
     return checks, 0, ""
 
 
@@ -646,11 +670,19 @@ def determinism_command(
         table = Table(title=f"verify determinism {stage}")
         for column in ("output", "dvc.lock", "re-run", "same"):
             table.add_column(column, overflow="fold")
+        diffs = []
         for check in checks:
             table.add_row(check.path, str(check.lock), str(check.fresh), "yes" if check.same else "NO")
+            diffs.append((check.path, check.diff))
             for item in check.files:
                 table.add_row(f"  {item['path']}", str(item["lock"]), str(item["fresh"]), "NO")
-        Console().print(table)
+                diffs.append((item["path"], item["diff"]))
+        console = Console()
+        console.print(table)
+        for path, lines in diffs:
+            if lines:
+                console.print(f"[bold]{path}[/]", markup=True, highlight=False)
+                console.print("\n".join(lines), markup=False, highlight=False)
     differ = [c.path for c in checks if not c.same]
     if differ:
         raise TunelineError(f"stage {stage!r} is not deterministic: {', '.join(differ)} differ from dvc.lock")
