@@ -462,7 +462,7 @@ def make_plan(root: Path, *, with_history: bool = True, dag: Dag | None = None) 
     declared_by_name = {Path(p).name: p for p in sorted(dag.declared, reverse=True) if p != "."}
     for rel in repo_files(root):
         plan.scanned += 1
-        if spec.match_file(rel):
+        if spec.match_file(rel) or rel.split("/")[0] == ARCHIVE_DIR:
             plan.kept += 1
             continue
         if dag.needs(rel):
