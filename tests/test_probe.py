@@ -313,3 +313,24 @@ def test_probe_refuses_chat_tokens_in_completion_prompts(tmp_path, tiny_model_di
     with pytest.raises(InputError, match="chat special token"):
         probe.run(params, "base")
     assert not probe.output_paths(params, "base").metrics.exists()
+
+
+def test_probe_merges_the_parent_of_a_stacked_adapter(tmp_path, tiny_model_dir, adapter_dir, monkeypatch):
+    """A dpo adapter trained on base+merged sft is probed on base+merged sft, not on the bare base."""
+    import json
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    child = tmp_path / "child"
+    shutil.copytree(adapter_dir, child)
+    (child / "provenance.json").write_text(json.dumps({"parent": str(adapter_dir)}))
+    alone = tmp_path / "alone"
+    shutil.copytree(adapter_dir, alone)
+    params = probe_params(tmp_path, tiny_model_dir, adapter=child)
+    stacked = probe.run(params, "sft")
+    assert stacked["provenance"]["model"]["merged_parents"][0]["path"] == str(adapter_dir)
+    stacked_out = [s["output"] for s in read_jsonl(probe.output_paths(params, "sft").samples)]
+    params_alone = probe_params(tmp_path / "b", tiny_model_dir, adapter=alone)
+    probe.run(params_alone, "sft")
+    alone_out = [s["output"] for s in read_jsonl(probe.output_paths(params_alone, "sft").samples)]
+    assert stacked_out != alone_out

@@ -277,9 +277,9 @@ def summarize(samples: Sequence[Mapping[str, Any]], root_fields: Sequence[str], 
 
 
 def run(params: Params, model: str) -> dict[str, Any]:
-    from tuneline import modeling
     from tuneline.contract import load_contract
     from tuneline.prompting import render
+    from tuneline.training import load_for_eval
 
     pp = params.probe
     adapter = adapter_dir(params, model)
@@ -288,7 +288,9 @@ def run(params: Params, model: str) -> dict[str, Any]:
     contract = load_contract(params.paths.schema_file)
     paths = output_paths(params, model)
 
-    loaded = modeling.load(params.paths.base_model, params.model, adapter=adapter, adapter_name=model)
+    # One base per process; an adapter trained on top of a parent (dpo on sft) gets its
+    # parent merged first, exactly as in training.
+    loaded = load_for_eval(params, adapter, adapter_name=model)
     prompts = [render(line["instruction"], loaded.format) for line in suite]
     prompt_ids = loaded.encode(prompts)
     if pp.do_sample:
