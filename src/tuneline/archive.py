@@ -255,6 +255,11 @@ def declare_symlink_targets(root: Path, declared: dict[str, list[str]]) -> None:
     """A declared path reached through symlinks needs every hop; so do links inside a
     declared directory."""
     for rel, why in list(declared.items()):
+        parts = rel.split("/")
+        for end in range(1, len(parts)):
+            ancestor = "/".join(parts[:end])
+            if (root / ancestor).is_symlink():
+                declared.setdefault(ancestor, []).append(f"symlinked directory on the way to {rel} ({why[0]})")
         for hop in _link_hops(root, root / rel):
             declared.setdefault(hop, []).append(f"symlink target of {rel} ({why[0]})")
         path = root / rel
