@@ -99,7 +99,16 @@ def test_determinism_passes_then_names_the_differing_file(repo):
     assert proc.returncode == 1 and "not deterministic" in proc.stderr
 
 
-def test_unknown_stage_and_missing_upstream_output_are_clear_errors(repo):
+def test_failures_name_the_missing_path(repo):
+    # a dep the stage only stat-s leaves no open event; the failed output still names it
+    evaluate = repo / "src/evaluate.py"
+    evaluate.write_text(evaluate.read_text().replace(
+        "name = sys.argv[1]", "name = sys.argv[1]\nif not os.path.isfile('data/prepared.csv'): sys.exit('data/prepared.csv: missing')"
+    ))
+    (report,) = verify.verify_dag(repo, ["evaluate@a"])
+    assert report.exit_code == 1 and not report.ok
+    assert any(note.startswith("its output names data/prepared.csv") for note in report.notes), report.notes
+
     proc = tuneline(repo, "verify", "dag", "nope")
     assert proc.returncode == 2 and "stage 'nope'" in proc.stderr and "evaluate@a" in proc.stderr
     (repo / "data/prepared.csv").unlink()

@@ -37,6 +37,7 @@ import inspect
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -428,6 +429,25 @@ def analyse(scratch: Scratch, root: Path, stage: StageDecl, keep: Any) -> tuple[
     )
 
 
+def mentioned_undeclared(text: str, root: Path, scratch: Scratch) -> list[str]:
+    """Workspace paths a failed stage's output names that the copy lacks (a dep the stage
+    only stat-ed, e.g. ``os.path.isdir``, leaves no open event)."""
+    ignored = _ignored_prefixes()
+    found: list[str] = []
+    for token in re.findall(r"[\w./-]+", text):
+        token = token.rstrip(".")
+        if os.path.isabs(token):
+            located = _locate(os.path.normpath(token), scratch, root, ignored)
+            rel = located[0] if located else ""
+        else:
+            rel = os.path.normpath(token)
+        if not rel or rel in found or rel.startswith(("..", "/")) or _is_metadata(rel) or rel == ".":
+            continue
+        if os.path.lexists(root / rel) and not os.path.lexists(scratch.project / rel):
+            found.append(rel)
+    return found
+
+
 # ---------------------------------------------------------------------------------------
 # Stage selection
 
@@ -472,6 +492,11 @@ def verify_dag(root: Path, names: Sequence[str] = (), *, keep_scratch: bool = Fa
             report.undeclared_reads, report.undeclared_writes = analyse(scratch, root, stage, keep)
             if report.exit_code != 0:
                 report.output_tail = tail
+                for rel in mentioned_undeclared(tail, root, scratch):
+                    report.notes.append(
+                        f"its output names {rel}, which exists in the workspace but not in the copy: "
+                        "an undeclared dep checked without being opened?"
+                    )
             if not scratch.atime_works:
                 report.notes.append("this filesystem does not update access times: reads by native code are not seen")
             if keep_scratch:
