@@ -124,10 +124,10 @@ def test_project_pipeline_reads_and_writes_only_what_it_declares(tiny_model_dir,
     # Outputs stamp the git commit they were made at (provenance), so the checks run at
     # the commit that wrote dvc.lock.
     dvc_repro(project)
+    determinism = tuneline(project, "verify", "determinism", "clean")
+    assert determinism.returncode == 0, determinism.stdout + determinism.stderr
     dag = tuneline(project, "verify", "dag", "--json")
     reports = json.loads(dag.stdout)
     problems = [r for r in reports if not r["ok"]]
     assert dag.returncode == 0 and not problems, json.dumps(problems, indent=1) + dag.stderr
     assert {r["stage"] for r in reports} >= {"base", "generate", "clean", "sft", "pairs", "dpo", "compare"}
-    determinism = tuneline(project, "verify", "determinism", "clean")
-    assert determinism.returncode == 0, determinism.stdout + determinism.stderr
