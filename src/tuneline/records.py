@@ -15,11 +15,15 @@ Reading rules (each violation stops the read with ``path:line: what is wrong``):
 
 Writes go to a temporary file in the destination directory and are moved into place with
 ``os.replace``, so a killed process never leaves a half-written file under the final name.
+A temporary left behind by a killed writer is removed by the next write of the same path.
+A failed write (disk full, file-size limit, permissions) raises ``TunelineError`` naming
+the path, and the previous file is left as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -28,7 +32,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tuneline.errors import InputError
+from tuneline.errors import InputError, TunelineError
 
 TypeSpec = type | tuple[type, ...]
 
@@ -57,8 +61,18 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads_strict(text: str) -> Any:
-    """json.loads that refuses NaN/Infinity and duplicate keys (raises ValueError)."""
-    return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    """json.loads that refuses NaN/Infinity, duplicate keys, nesting too deep for the
+    parser and escaped lone surrogates (which no UTF-8 file can hold); raises ValueError."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except RecursionError as exc:
+        raise ValueError("nesting is too deep") from exc
+    if "\\u" in text:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"escaped lone surrogate {exc.object[exc.start:exc.end]!r} is not valid Unicode") from exc
+    return value
 
 
 def _type_name(spec: TypeSpec) -> str:
@@ -179,16 +193,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     If the body raises, the temp file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if stale.is_file():
+                stale.unlink()  # left by a writer that was killed
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _write_error(path: Path, exc: OSError) -> TunelineError:
+    reason = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+    return TunelineError(f"{path}: could not write{where}: {reason}; the previous version, if any, is unchanged")
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -228,19 +256,27 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     process leaves either the previous directory or nothing under the final name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = path.with_name(f".{path.name}.old")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in [*path.parent.glob(f".{glob.escape(path.name)}.*.tmp"), old]:
+            if stale.is_dir():
+                shutil.rmtree(stale)  # left by a writer that was killed
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
+    except OSError as exc:
+        if old.is_dir() and not path.exists():
+            os.replace(old, path)
+        raise _write_error(path, exc) from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
