@@ -267,6 +267,17 @@ def test_reject_budget_names_top_reasons_and_writes_nothing(tmp_path, tiny_model
     assert not (tmp_path / "clean").exists() and not (tmp_path / "metrics").exists()
 
 
+def test_missing_inputs_are_input_errors(tmp_path, tiny_model_dir):
+    with pytest.raises(InputError, match=r"generated/sft\.jsonl: file not found"):
+        clean.run(params_for(tmp_path, tiny_model_dir))
+    write_jsonl(tmp_path / "generated" / "sft.jsonl", [record("good-0", GOLD[0])])
+    with pytest.raises(InputError, match=r"base model directory not found .* run `tuneline base`"):
+        clean.run(params_for(tmp_path, tmp_path / "no-model"))
+    (tmp_path / "generated" / "sft.jsonl").write_text('{"id": "x", "prompt": "p"}\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"sft\.jsonl:1: missing required field 'completion'"):
+        clean.run(params_for(tmp_path, tiny_model_dir))
+
+
 def test_probe_destinations_allowed_when_not_excluded(tmp_path, tiny_model_dir):
     metrics = run_planted(
         tmp_path, tiny_model_dir, clean_section={"exclude_probe_destinations": False}

@@ -310,7 +310,7 @@ def run(params: Params) -> dict[str, Any]:
     preferences = (
         read_jsonl(pref_path, required=_PREF_FIELDS, allow_empty=True) if pref_path.exists() else []
     )
-    tokenizer = modeling.load_tokenizer(params.paths.base_model, fmt)
+    tokenizer = _tokenizer(params.paths.base_model, fmt)
     special = modeling.chat_special_ids(tokenizer)
 
     candidates = [
@@ -387,6 +387,21 @@ def run(params: Params) -> dict[str, Any]:
     )
     write_json(Path(params.paths.metrics) / "clean.json", metrics)
     return metrics
+
+
+def _tokenizer(path: str, fmt: str) -> Any:
+    """The base model's tokenizer (only the tokenizer files are read)."""
+    from tuneline import modeling
+
+    if not Path(path).is_dir():
+        raise InputError(
+            f"{path}: base model directory not found (paths.base_model); run `tuneline base` "
+            "(or `dvc repro base`) first: clean counts tokens with the base tokenizer"
+        )
+    try:
+        return modeling.load_tokenizer(path, fmt)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot load the base tokenizer: {exc}") from exc
 
 
 def _candidate(record: dict[str, Any], path: Path, line: int) -> Candidate:
