@@ -237,12 +237,15 @@ def _pick(rng: random.Random, pool: Sequence[str], low: int, high: int) -> list[
     return rng.sample(list(pool), k)
 
 
-def _common(d: dict[str, Any], profile_id: str | None, rng: random.Random) -> tuple[list[str], str]:
-    name = d["name"]
-    if profile_id is None:
+def _common(
+    d: dict[str, Any], profile_id: str | None, profile_text: str | None, rng: random.Random
+) -> tuple[list[str], str]:
+    if profile_id is None or profile_text is None:
         assumption = "No travel group given; adjust the plan to yours."
     else:
-        assumption = _PROFILE_ASSUMPTION[profile_id].format(dest=name)
+        # profiles added to the phrasings file without a tailored line get a plain one
+        fallback = f"Travelling as {profile_text}."
+        assumption = _PROFILE_ASSUMPTION.get(profile_id, fallback).format(dest=d["name"])
     season = rng.choice(d["best_seasons"])
     return [assumption], season
 
@@ -260,7 +263,7 @@ def build_envelope(
     """One envelope for destination ``d``; every fact comes from the knowledge base."""
     name = d["name"]
     for_profile = f" for {profile_text}" if profile_text else ""
-    assumptions, season = _common(d, profile_id, rng)
+    assumptions, season = _common(d, profile_id, profile_text, rng)
     sights = list(d["sights"])
     map_step = "Mark {} and {} on an offline map.".format(*rng.sample(sights, 2))
     check_hours = "Check current opening times and prices for the sights you plan to visit."
@@ -311,7 +314,7 @@ def build_envelope(
             "Phone with offline maps",
         ]
         chosen = items[:2] + rng.sample(items[2:], rng.randint(2, 4))
-        if profile_id is not None:
+        if profile_id in _PROFILE_ITEM:
             chosen.append(_PROFILE_ITEM[profile_id])
         rng.shuffle(chosen)
         payload = {"destination": name, "items": chosen}
