@@ -48,7 +48,11 @@ def test_dpo_run_outputs_and_eval_loader(trained: Params) -> None:
     metrics = dpo.run(trained)
     out = Path(trained.paths.dpo_model)
     prov = json.loads((out / "provenance.json").read_text())
-    assert prov["parent"] == trained.paths.sft_model
+    assert prov["parent"] == "parent" and prov["parent_source"] == trained.paths.sft_model
+    # self-contained: the parent adapter travels inside the dpo model dir
+    assert (out / "parent" / "adapter_model.safetensors").read_bytes() == (
+        Path(trained.paths.sft_model) / "adapter_model.safetensors"
+    ).read_bytes()
     assert prov["stack"] == [trained.paths.sft_model, trained.paths.dpo_model]
     assert metrics["steps"] == metrics["plan"]["optimizer_steps"] == 3
     assert metrics["max_weight_change"] > 0 and torch.isfinite(torch.tensor(metrics["train_loss"]))
@@ -56,7 +60,7 @@ def test_dpo_run_outputs_and_eval_loader(trained: Params) -> None:
         assert (Path(trained.paths.metrics) / "dpo" / f"{name}.tsv").is_file()
 
     loaded = load_for_eval(trained, out)
-    assert [m["path"] for m in loaded.provenance["merged_parents"]] == [trained.paths.sft_model]
+    assert [m["path"] for m in loaded.provenance["merged_parents"]] == [str(out / "parent")]
     ids = torch.tensor([loaded.render_ids("### Instruction\nPlan a day in Lisbon.\n\n### Response\n")])
     with loaded.using("default") as model, torch.no_grad():
         with_dpo = model(input_ids=ids).logits

@@ -26,7 +26,7 @@ def test_export_dpo_stack_reloads_and_generates(tmp_path: Path, tiny_model_dir: 
 
     out = tmp_path / "export"
     prov = export(params, params.paths.dpo_model, out)
-    assert [a["path"] for a in prov["merged_adapters"]] == [params.paths.sft_model, params.paths.dpo_model]
+    assert [a["path"] for a in prov["merged_adapters"]] == [str(Path(params.paths.dpo_model) / "parent"), params.paths.dpo_model]
     assert json.loads((out / "provenance.json").read_text())["content_sha256"] == prov["content_sha256"]
     assert not list(out.glob("adapter_*"))
 
@@ -46,4 +46,4 @@ def test_export_dpo_stack_reloads_and_generates(tmp_path: Path, tiny_model_dir: 
     assert generated.shape[1] > ids.shape[1]
 
     with pytest.raises(InputError, match="would overwrite an input"):
-        export(params, params.paths.dpo_model, params.paths.sft_model)
+        export(params, params.paths.dpo_model, Path(params.paths.dpo_model) / "parent")

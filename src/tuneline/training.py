@@ -484,7 +484,8 @@ def adapter_stack(adapter_dir: str | Path) -> list[Path]:
         stack.insert(0, current)
         prov = current / "provenance.json"
         parent = read_json(prov).get("parent") if prov.is_file() else None
-        current = Path(parent) if parent else None
+        # A relative parent lives inside the adapter dir (models/dpo/parent).
+        current = (current / parent if not Path(parent).is_absolute() else Path(parent)) if parent else None
     return stack
 
 

@@ -17,6 +17,7 @@ base + merged SFT; ``provenance.json`` records ``"parent"`` and ``"stack"`` and
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,10 @@ def run(params: Params) -> dict[str, Any]:
     provenance = {
         "stage": "dpo",
         "base": base,
-        "parent": params.paths.sft_model,
+        # The parent adapter is copied into the model dir, so models/dpo is self-contained
+        # and probe@dpo depends on nothing else.
+        "parent": "parent",
+        "parent_source": params.paths.sft_model,
         "parent_sha256": parent["sha256"],
         "stack": [params.paths.sft_model, params.paths.dpo_model],
         "reference": "the SFT model (base with the parent adapter merged; the DPO adapter disabled)",
@@ -198,6 +202,7 @@ def run(params: Params) -> dict[str, Any]:
             tmp, model=trainer.model, tokenizer=loaded.tokenizer, provenance=provenance,
             card=model_card("DPO adapter", provenance, plan, results),
         )
+        shutil.copytree(sft_dir, tmp / "parent")
     plots = write_plots(history, Path(params.paths.metrics) / "dpo", PLOT_KEYS)
     tokens_seen = plan.tokens_total
     metrics = {
