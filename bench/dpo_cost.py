@@ -1,0 +1,95 @@
+"""DPO cost: seconds per token of dpo vs sft on the same model and data, with and without
+precomputed reference log-probs (the reference is the model with the adapter disabled).
+
+    python bench/dpo_cost.py --shape qwen2.5-0.5b --tokenizer models/base --data data/clean/train.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from pathlib import Path
+
+from common import build_random_model, load_records, print_table, write_result
+
+
+def main() -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from tuneline.contract import load_contract
+    from tuneline.modeling import Loaded
+    from tuneline.params import parse_params
+    from tuneline.stages import dpo as dpo_stage
+    from tuneline.stages import sft as sft_stage
+    from tuneline.stages.pairs import negatives
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen2.5-0.5b")
+    ap.add_argument("--tokenizer", default="models/base")
+    ap.add_argument("--data", default="data/clean/train.jsonl")
+    ap.add_argument("--schema", default="data/seed/contract.schema.json")
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer.chat_template = None
+    records = [dict(r, _line=i) for i, r in enumerate(load_records(args.data, args.n), 1)]
+    strategies = ["drop_field", "array_root", "truncate", "invalid_json", "off_topic", "wrong_payload_type"]
+    pairs, _ = negatives(records, load_contract(args.schema), strategies, 1, 0, Path(args.data))
+    for i, p in enumerate(pairs, 1):
+        p["_line"] = i
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    common = {"per_device_batch_size": args.batch, "gradient_accumulation_steps": 1, "num_epochs": 1,
+              "warmup_ratio": 0.0, "min_optimizer_steps": 0}
+    rows = []
+
+    def fresh() -> Loaded:
+        model = build_random_model(args.shape, tokenizer, torch.bfloat16 if device == "cuda" else torch.float32, device)
+        return Loaded(model=model, tokenizer=tokenizer, provenance={"model": args.shape}, format="completion",
+                      device=device)
+
+    # sft on the chosen completions of the same prompts
+    params = parse_params({"sft": {**common, "max_seq_len": 1024, "eval_each_epoch": False,
+                                   "trainer": {"save_strategy": "no"}}})
+    loaded = fresh()
+    sft_rows, _ = sft_stage.tokenize(loaded, records, 1024, Path(args.data))
+    trainer = sft_stage.build_trainer(params, loaded, sft_rows, [], Path("/tmp/bench-dpo-sft"))
+    began = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - began
+    tokens = sum(len(r["input_ids"]) for r in sft_rows)
+    rows.append({"variant": "sft (chosen only)", "examples": len(sft_rows), "tokens": tokens,
+                 "us_per_token": 1e6 * seconds / tokens})
+    del trainer, loaded
+    gc.collect()
+
+    for precompute in (False, True):
+        params = parse_params({"dpo": {**common, "max_length": 1024, "precompute_ref_log_probs": precompute,
+                                       "trainer": {"save_strategy": "no"}}})
+        loaded = fresh()
+        dpo_rows = dpo_stage.to_rows(loaded, pairs, Path("pairs"))
+        trainer = dpo_stage.build_trainer(params, loaded, dpo_rows, Path(f"/tmp/bench-dpo-{precompute}"))
+        began = time.perf_counter()
+        trainer.train()  # includes the reference pass when precomputing
+        seconds = time.perf_counter() - began
+        # tokens a pair carries: the prompt once + chosen + rejected completions
+        tokens = sum(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
+                     for r in trainer.train_dataset)
+        rows.append({"variant": f"dpo, precompute_ref_log_probs={precompute}", "examples": len(dpo_rows),
+                     "tokens": tokens, "us_per_token": 1e6 * seconds / tokens})
+        del trainer, loaded
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    for row in rows:
+        row["vs_sft"] = row["us_per_token"] / rows[0]["us_per_token"]
+    print_table(f"DPO cost per token, {args.shape} on {device}", rows)
+    write_result(f"dpo_cost_{args.shape}", rows, vars(args), args.out)
+
+
+if __name__ == "__main__":
+    main()

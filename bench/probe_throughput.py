@@ -1,0 +1,70 @@
+"""probe throughput: tuneline's batched probe generation vs one prompt at a time.
+
+Same prompts (the probe suite rendered in the model's format), same greedy decoding and
+max_new_tokens, through the probe stage's own `generate`. Reports generated tokens/s and
+the ratio, side by side in one process.
+
+    python bench/probe_throughput.py --model models/base --n 64 --batch 32 --max-new 128
+    python bench/probe_throughput.py --random-shape qwen2.5-1.5b --tokenizer models/base ...  (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import build_random_model, print_table, write_result
+
+
+def main() -> None:
+    import torch
+
+    from tuneline import modeling
+    from tuneline.modeling import Loaded
+    from tuneline.params import ModelParams
+    from tuneline.prompting import render
+    from tuneline.stages.probe import generate, load_suite
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="models/base", help="a model directory (real weights)")
+    ap.add_argument("--random-shape", default=None, help="use a random model of this shape instead")
+    ap.add_argument("--tokenizer", default="models/base")
+    ap.add_argument("--suite", default="data/seed/probe_suite.jsonl")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-new", type=int, default=96)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+
+    if args.random_shape:
+        tokenizer = modeling.load_tokenizer(args.tokenizer, "completion")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = build_random_model(args.random_shape, tokenizer, dtype, device).eval()
+        loaded = Loaded(model=model, tokenizer=tokenizer, provenance={"model": args.random_shape},
+                        format="completion", device=device)
+        # Random weights rarely emit EOS; both runs then decode max_new tokens per prompt.
+    else:
+        loaded = modeling.load(args.model, ModelParams(format="completion"))
+    suite = load_suite(args.suite)[: args.n]
+    prompt_ids = loaded.encode([render(item["instruction"], "completion") for item in suite])
+    common = dict(max_new_tokens=args.max_new, do_sample=False, temperature=1.0, top_p=1.0)
+    generate(loaded, prompt_ids[:2], batch_size=2, **common, desc="warm-up")
+    rows = []
+    outputs = {}
+    for name, batch in [("one at a time", 1), (f"batched ({args.batch})", args.batch)]:
+        results, seconds = generate(loaded, prompt_ids, batch_size=batch, **common, desc=name)
+        tokens = sum(r.n_tokens for r in results)
+        outputs[name] = [r.text for r in results]
+        rows.append({"variant": name, "prompts": len(results), "new_tokens": tokens, "seconds": seconds,
+                     "tokens_per_s": tokens / seconds})
+    rows[1]["speedup"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    rows[0]["speedup"] = 1.0
+    same = sum(a == b for a, b in zip(*outputs.values(), strict=True))
+    print_table(f"probe throughput on {loaded.device}", rows)
+    print(f"identical outputs, batched vs one at a time: {same}/{len(suite)}")
+    name = f"probe_throughput_{loaded.device}"
+    write_result(name, rows, {**vars(args), "identical_outputs": same}, args.out)
+
+
+if __name__ == "__main__":
+    main()
