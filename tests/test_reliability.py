@@ -173,6 +173,29 @@ def test_disk_full_while_writing_data_names_the_path_and_keeps_old_outputs(proje
     assert _leftovers(project, rels) == []
 
 
+def test_disk_full_while_saving_a_checkpoint_names_the_directory_and_keeps_old_outputs(project: Path) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["sft"].update(max_records=4, per_device_batch_size=2, save_steps=1, eval_each_epoch=False)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    previous = project / "models/sft"
+    previous.mkdir(parents=True)
+    (previous / "adapter_model.safetensors").write_bytes(b"the previous adapter")
+    clean = _snapshot(project, STAGE_OUTPUTS["clean"])
+    proc = subprocess.run(
+        ["tuneline", "sft"], cwd=project, env=_env(), capture_output=True, text=True,
+        preexec_fn=_limit_file_size(20_000),
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    text = " ".join(proc.stderr.split())
+    assert "sft: writing a checkpoint under models/checkpoints/sft failed" in text and "File too large" in text
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in previous.iterdir()] == ["adapter_model.safetensors"]
+    assert (previous / "adapter_model.safetensors").read_bytes() == b"the previous adapter"
+    assert _snapshot(project, STAGE_OUTPUTS["clean"]) == clean
+    checkpoints = list((project / "models/checkpoints/sft").glob("checkpoint-*"))
+    assert checkpoints and not any((c / "tuneline-complete.json").exists() for c in checkpoints)
+
+
 # -- bad input through the CLI -----------------------------------------------------------
 
 

@@ -379,6 +379,26 @@ def resume_checkpoint(directory: Path, run_fingerprint: str, stage: str) -> Path
     return None
 
 
+def train_with_checkpoints(trainer: Any, resume: Path | None, directory: Path, stage: str) -> Any:
+    """``trainer.train``, with a checkpoint that cannot be written (disk full, file-size
+    limit, permissions) reported as one error naming the directory. The partial checkpoint
+    has no marker, so a later run ignores it."""
+    from safetensors import SafetensorError
+
+    try:
+        return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except (OSError, SafetensorError) as exc:
+        problem = exc
+    except RuntimeError as exc:  # torch.save reports a failed write as a RuntimeError
+        if "PytorchStreamWriter" not in str(exc):
+            raise
+        problem = exc
+    raise TunelineError(
+        f"{stage}: writing a checkpoint under {directory} failed: {' '.join(str(problem).split())}; "
+        "free space (or raise the limit) and re-run: training resumes from the last complete checkpoint"
+    ) from problem
+
+
 def finish_checkpoints(directory: Path, run_fingerprint: str, step: int) -> None:
     """After a successful run: drop the checkpoints (DVC will not re-run a finished stage)
     and leave a small record of the run so the directory, a persistent DVC out, exists."""

@@ -43,6 +43,7 @@ from tuneline.training import (
     make_plan,
     model_card,
     resume_checkpoint,
+    train_with_checkpoints,
     trainable_snapshot,
     trainer_args,
     write_model_dir,
@@ -177,7 +178,7 @@ def run(params: Params) -> dict[str, Any]:
     initial = trainable_snapshot(trainer.model)
     resume = resume_checkpoint(ckpt_dir, run_id, "sft")
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = train_with_checkpoints(trainer, resume, ckpt_dir, "sft")
     runtime = time.perf_counter() - started
     change = check_weights_changed(trainer.model, initial, "sft")
     if trainer.state.global_step != plan.optimizer_steps:
