@@ -131,3 +131,19 @@ def test_project_pipeline_reads_and_writes_only_what_it_declares(tiny_model_dir,
     problems = [r for r in reports if not r["ok"]]
     assert dag.returncode == 0 and not problems, json.dumps(problems, indent=1) + dag.stderr
     assert {r["stage"] for r in reports} >= {"base", "generate", "clean", "sft", "pairs", "dpo", "compare"}
+
+
+def test_metrics_differing_only_in_git_stamp_count_as_deterministic(tmp_path):
+    import hashlib
+    import json
+
+    from tuneline.verify import _differs_only_in_git_stamp
+
+    old = tmp_path / "old.json"
+    new = tmp_path / "new.json"
+    old.write_text(json.dumps({"kept": 5, "provenance": {"git": {"sha": "a"}, "seed": 0}}))
+    md5 = hashlib.md5(old.read_bytes()).hexdigest()
+    new.write_text(json.dumps({"kept": 5, "provenance": {"git": {"sha": "b"}, "seed": 0}}))
+    assert _differs_only_in_git_stamp(old, new, md5)
+    new.write_text(json.dumps({"kept": 6, "provenance": {"git": {"sha": "b"}, "seed": 0}}))
+    assert not _differs_only_in_git_stamp(old, new, md5)

@@ -234,7 +234,7 @@ class CompareParams(Section):
 class ArchiveParams(Section):
     keep: list[str] = Field(
         default_factory=lambda: [
-            "src/**", "tests/**", "docs/**", "bench/**", "README*", "LICENSE*", "BENCHMARKS.md",
+            "src/**", "tests/**", "docs/**", "bench/**", "data/seed/**", "README*", "LICENSE*", "BENCHMARKS.md",
             "pyproject.toml", "Makefile", ".ci/**", ".dvc/**", ".dvcignore", ".gitignore",
             "dvc.yaml", "dvc.lock", "params.yaml", ".github/**", "archive/**",
         ]
