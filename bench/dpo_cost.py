@@ -52,13 +52,22 @@ def main() -> None:
         return Loaded(model=model, tokenizer=tokenizer, provenance={"model": args.shape}, format="completion",
                       device=device)
 
-    # sft on the chosen completions of the same prompts
+    # warm-up (CUDA context, kernels) so that the first measured variant is not penalised
+    warm = parse_params({"sft": {**common, "max_seq_len": 1024, "eval_each_epoch": False,
+                                 "trainer": {"save_strategy": "no", "max_steps": 3}}})
+    loaded = fresh()
+    sft_rows, _ = sft_stage.tokenize(loaded, records, 1024, Path(args.data))
+    sft_stage.build_trainer(warm, loaded, sft_rows, [], Path("/tmp/bench-dpo-warm")).train()
+    del loaded
+    gc.collect()
+
+    # sft on the chosen completions of the same prompts; timed from trainer construction,
+    # as dpo is (TRL may compute reference log-probs there)
     params = parse_params({"sft": {**common, "max_seq_len": 1024, "eval_each_epoch": False,
                                    "trainer": {"save_strategy": "no"}}})
     loaded = fresh()
-    sft_rows, _ = sft_stage.tokenize(loaded, records, 1024, Path(args.data))
-    trainer = sft_stage.build_trainer(params, loaded, sft_rows, [], Path("/tmp/bench-dpo-sft"))
     began = time.perf_counter()
+    trainer = sft_stage.build_trainer(params, loaded, sft_rows, [], Path("/tmp/bench-dpo-sft"))
     trainer.train()
     seconds = time.perf_counter() - began
     tokens = sum(len(r["input_ids"]) for r in sft_rows)
@@ -72,9 +81,9 @@ def main() -> None:
                                        "trainer": {"save_strategy": "no"}}})
         loaded = fresh()
         dpo_rows = dpo_stage.to_rows(loaded, pairs, Path("pairs"))
-        trainer = dpo_stage.build_trainer(params, loaded, dpo_rows, Path(f"/tmp/bench-dpo-{precompute}"))
         began = time.perf_counter()
-        trainer.train()  # includes the reference pass when precomputing
+        trainer = dpo_stage.build_trainer(params, loaded, dpo_rows, Path(f"/tmp/bench-dpo-{precompute}"))
+        trainer.train()  # with construction: includes the reference pass when precomputing
         seconds = time.perf_counter() - began
         # tokens a pair carries: the prompt once + chosen + rejected completions
         tokens = sum(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
