@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from tuneline import archive, verify
+from tuneline import archive, launch, verify
 from tuneline.errors import TunelineError
 from tuneline.params import Params, check_runtime, load_params
 
@@ -37,6 +37,7 @@ def main() -> None:
         app(standalone_mode=False)
     except TunelineError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        launch.record_exit(exc.exit_code)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
@@ -63,8 +64,17 @@ def stage_params(path: Path) -> Params:
     return params
 
 
-def run_stage(name: str, params_path: Path, **kwargs: Any) -> dict[str, Any]:
+def run_stage(name: str, params_path: Path, **kwargs: Any) -> dict[str, Any] | None:
+    """Run one stage in this process, or, for a training stage with
+    ``compute.num_processes > 1`` on CUDA, under accelerate launch (None: the workers
+    printed the result; a failure exits with their code)."""
+    launch.pin_one_gpu(name, load_params(params_path))
     params = stage_params(params_path)
+    if launch.wants_launch(name, params):
+        code = launch.relaunch(name, params, params_path)
+        if code != 0:
+            raise typer.Exit(code)
+        return None
     module = importlib.import_module(f"tuneline.stages.{name}")
     metrics = module.run(params, **kwargs)
     return metrics
@@ -73,7 +83,8 @@ def run_stage(name: str, params_path: Path, **kwargs: Any) -> dict[str, Any]:
 def _stage_command(name: str, doc: str) -> Callable[..., None]:
     def command(params: ParamsOption = DEFAULT_PARAMS) -> None:
         metrics = run_stage(name, params)
-        out.print(json.dumps(metrics, indent=2, sort_keys=True, default=str)[:4000], highlight=False)
+        if metrics is not None and launch.is_main_worker():
+            out.print(json.dumps(metrics, indent=2, sort_keys=True, default=str)[:4000], highlight=False)
 
     command.__doc__ = doc
     command.__name__ = name

@@ -10,6 +10,8 @@ Rules (DESIGN.md, "The model loader"):
   that need custom code are refused.
 - ``quantization: nf4`` uses bitsandbytes on CUDA and is a clear error elsewhere.
 - ``dtype: auto`` is bfloat16 on CUDA and float32 on CPU.
+- In a distributed worker (``LOCAL_RANK`` set by ``accelerate launch``) the model goes to
+  that worker's GPU, ``cuda:{LOCAL_RANK}``, which also becomes the current CUDA device.
 - Adapters are applied on top of one loaded base and switched or disabled without
   reloading the base.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,30 @@ def resolve_device(spec: ModelParams) -> str:
             raise InputError("model.device: 'cuda' requested but no CUDA device is available (use 'auto' or 'cpu')")
         return "cuda"
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def local_rank() -> int | None:
+    """This process's GPU index under ``accelerate launch``/torchrun, else None."""
+    value = os.environ.get("LOCAL_RANK")
+    return int(value) if value not in (None, "") else None
+
+
+def cuda_index() -> int:
+    """The GPU this process trains on: its local rank in a distributed run, else 0.
+
+    It is also made the current device, so tensors created on ``"cuda"`` land beside
+    the model.
+    """
+    import torch
+
+    index = local_rank() or 0
+    if index >= torch.cuda.device_count():
+        raise TunelineError(
+            f"LOCAL_RANK {index}: only {torch.cuda.device_count()} GPU(s) are visible to this process "
+            "(compute.num_processes must not exceed the visible GPUs)"
+        )
+    torch.cuda.set_device(index)
+    return index
 
 
 def resolve_dtype(spec: ModelParams, device: str) -> Any:
@@ -217,11 +244,11 @@ def load(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": cuda_index()}
     tokenizer = load_tokenizer(path, spec.format)
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if spec.quantization != "nf4":
-        model.to(device)
+        model.to(f"cuda:{cuda_index()}" if device == "cuda" else device)
     model.eval()
     provenance = {
         "model": str(path),

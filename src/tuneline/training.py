@@ -17,6 +17,10 @@
 - ``write_model_dir``: adapter, tokenizer, ``provenance.json`` and a model card.
 - ``load_for_eval``: base plus an adapter, merging the adapter's parents first (a DPO
   adapter is trained on top of the merged SFT adapter).
+- Several processes (``accelerate launch``, see ``tuneline.launch``): every rank trains;
+  only the main process prints the plan and writes metrics, plots, the model directory
+  and checkpoint markers, and the others wait at a barrier until those exist.
+  ``trained_model`` gathers FSDP shards into a full state dict before saving.
 """
 
 from __future__ import annotations
@@ -46,6 +50,54 @@ MARKER = "tuneline-complete.json"
 FINISHED = "finished.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 console = Console(stderr=True)
+
+
+# -- several processes -------------------------------------------------------------------
+
+
+def _process_group() -> Any:
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def is_main_process() -> bool:
+    """True in a single-process run and on rank 0 of a distributed one."""
+    group = _process_group()
+    return group is None or group.get_rank() == 0
+
+
+def wait_for_everyone() -> None:
+    """A barrier across the training processes (nothing in a single-process run)."""
+    group = _process_group()
+    if group is not None:
+        group.barrier()
+
+
+def shared_dataset(rows: list[dict[str, Any]], directory: Path, world_size: int) -> Any:
+    """A ``datasets.Dataset`` of ``rows``; with several processes, one on shared disk.
+
+    An in-memory dataset keeps its cache files in a temporary directory of each process,
+    so a cache that rank 0 writes (TRL's precomputed reference log-probs) is not found by
+    the others. Saved once under ``directory`` by the main process, every rank's dataset
+    and caches live there. ``drop_shared_dataset`` removes it after the run.
+    """
+    from datasets import Dataset, load_from_disk
+
+    dataset = Dataset.from_list(rows)
+    if world_size <= 1:
+        return dataset
+    if is_main_process():
+        if directory.exists():
+            shutil.rmtree(directory)
+        dataset.save_to_disk(str(directory))
+    wait_for_everyone()
+    return load_from_disk(str(directory))
+
+
+def drop_shared_dataset(directory: Path) -> None:
+    if directory.is_dir():
+        shutil.rmtree(directory)
 
 
 # -- model and adapters ------------------------------------------------------------------
@@ -83,15 +135,23 @@ def trainable_snapshot(model: Any) -> dict[str, Any]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def check_weights_changed(model: Any, before: Mapping[str, Any], stage: str) -> float:
-    """Largest absolute change of a trainable weight; fail when nothing moved."""
+def check_weights_changed(
+    model: Any, before: Mapping[str, Any], stage: str, state: Mapping[str, Any] | None = None
+) -> float:
+    """Largest absolute change of a trainable weight; fail when nothing moved.
+
+    ``state`` is the full state dict gathered from FSDP shards (``trained_model``); the
+    model's own parameters are read otherwise.
+    """
     import torch
 
-    params = dict(model.named_parameters())
+    params = dict(state) if state is not None else dict(model.named_parameters())
     if not before:
         raise TunelineError(f"{stage}: the model has no trainable parameters; LoRA was not applied")
     largest = 0.0
     for name, old in before.items():
+        if name not in params:
+            raise TunelineError(f"{stage}: trainable weight {name} is missing from the trained model")
         new = params[name].detach().to(old.device)
         if not torch.isfinite(new).all():
             raise TunelineError(f"{stage}: trainable weight {name} is not finite after training")
@@ -105,6 +165,37 @@ def check_weights_changed(model: Any, before: Mapping[str, Any], stage: str) -> 
 
 
 # -- trainer arguments -------------------------------------------------------------------
+
+
+def trained_model(trainer: Any) -> tuple[Any, dict[str, Any] | None]:
+    """The trained model to save and, under FSDP, its full state dict.
+
+    Every rank must call this: gathering FSDP shards is a collective. The state dict is
+    complete on the main process only; without FSDP it is None and the model's own
+    parameters are whole on every rank.
+    """
+    if getattr(trainer, "is_fsdp_enabled", False):
+        state = trainer.accelerator.get_state_dict(trainer.model)
+        return trainer.accelerator.unwrap_model(trainer.model), state
+    return trainer.model, None
+
+
+def match_adapter_dtype(trainer: Any) -> None:
+    """Under FSDP, give the LoRA weights the base weights' dtype.
+
+    peft keeps adapters in float32 over a bf16 base, but FSDP flattens each wrapped layer
+    into one tensor of a single dtype; accelerate then holds every weight in float32
+    for bf16 mixed precision. A no-op without FSDP.
+    """
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return
+    frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
+    if len(frozen) != 1:
+        return
+    dtype = frozen.pop()
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def liger_available() -> bool:
@@ -150,6 +241,9 @@ def trainer_args(
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
         "include_num_input_tokens_seen": "non_padding",
+        # Every LoRA weight takes part in each step; DDP need not search the graph for
+        # unused ones (the Trainer's default for a peft model).
+        "ddp_find_unused_parameters": False,
     }
     if stage.gradient_checkpointing:
         args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
@@ -219,12 +313,17 @@ def make_plan(
     )
 
 
-def announce_plan(plan: Plan, stage: str, min_steps: int, strict: bool) -> list[str]:
-    """Print the plan; warn loudly (or raise, when strict) under ``min_steps``."""
+def announce_plan(plan: Plan, stage: str, min_steps: int, strict: bool, show: bool = True) -> list[str]:
+    """Print the plan; warn loudly (or raise, when strict) under ``min_steps``.
+
+    ``show=False`` (the other ranks of a distributed run) returns the same warnings and
+    raises the same errors without printing.
+    """
     table = Table(title=f"{stage} plan", show_header=False)
     for key, value in plan.as_dict().items():
         table.add_row(key, str(value))
-    console.print(table)
+    if show:
+        console.print(table)
     warnings = []
     if plan.optimizer_steps < min_steps:
         text = (
@@ -234,21 +333,24 @@ def announce_plan(plan: Plan, stage: str, min_steps: int, strict: bool) -> list[
         )
         if strict:
             raise InputError(f"{text} ({stage}.strict_plan is true)")
-        console.print(f"[bold red]WARNING[/] {text}", highlight=False)
+        if show:
+            console.print(f"[bold red]WARNING[/] {text}", highlight=False)
         warnings.append(text)
     if plan.optimizer_steps <= plan.warmup_steps:
         text = (
             f"{stage}.warmup_ratio: warmup takes {plan.warmup_steps} of {plan.optimizer_steps} optimizer steps, "
             "so the learning rate never reaches its peak (the first step always runs at 0)"
         )
-        console.print(f"[bold red]WARNING[/] {text}", highlight=False)
+        if show:
+            console.print(f"[bold red]WARNING[/] {text}", highlight=False)
         warnings.append(text)
     if plan.truncated:
         text = (
             f"{stage}: {plan.truncated} of {plan.records} records are longer than {plan.max_seq_len} tokens and "
             "lose their end (and terminator) to truncation"
         )
-        console.print(f"[bold red]WARNING[/] {text}", highlight=False)
+        if show:
+            console.print(f"[bold red]WARNING[/] {text}", highlight=False)
         warnings.append(text)
     return warnings
 
@@ -314,6 +416,9 @@ class MarkerCallback(TrainerCallback):
         self.run_fingerprint = run_fingerprint
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Each rank writes its own files (RNG state) into the checkpoint: mark it only
+        # once all of them are done.
+        wait_for_everyone()
         if not state.is_world_process_zero:
             return
         directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -351,25 +456,43 @@ def resume_checkpoint(directory: Path, run_fingerprint: str, stage: str) -> Path
     run (different params, data or base) are ignored and removed. A marked checkpoint
     whose files do not match its marker is skipped for an earlier one; if none is left,
     the run fails naming it rather than silently starting over.
+
+    In a distributed run the main process removes and reports; the other ranks wait for
+    it, then read the same markers and pick the same checkpoint.
     """
+    if is_main_process():
+        chosen = _pick_checkpoint(directory, run_fingerprint, stage, main=True)
+        wait_for_everyone()
+        return chosen
+    wait_for_everyone()
+    return _pick_checkpoint(directory, run_fingerprint, stage, main=False)
+
+
+def _pick_checkpoint(directory: Path, run_fingerprint: str, stage: str, *, main: bool) -> Path | None:
+    def say(text: str) -> None:
+        if main:
+            console.print(text, highlight=False)
+
     corrupt: list[str] = []
     for _, checkpoint in _checkpoints(directory):
         marker_path = checkpoint / MARKER
         if not marker_path.is_file():
-            console.print(f"{stage}: ignoring incomplete checkpoint {checkpoint} (no {MARKER})", highlight=False)
-            shutil.rmtree(checkpoint)
+            say(f"{stage}: ignoring incomplete checkpoint {checkpoint} (no {MARKER})")
+            if main:
+                shutil.rmtree(checkpoint)
             continue
         marker = read_json(marker_path)
         if marker.get("fingerprint") != run_fingerprint:
-            console.print(f"{stage}: removing checkpoint {checkpoint} of a different run", highlight=False)
-            shutil.rmtree(checkpoint)
+            say(f"{stage}: removing checkpoint {checkpoint} of a different run")
+            if main:
+                shutil.rmtree(checkpoint)
             continue
         problem = _corrupt(checkpoint, marker)
         if problem:
-            console.print(f"[bold red]WARNING[/] {stage}: checkpoint {checkpoint} is corrupt: {problem}", highlight=False)
+            say(f"[bold red]WARNING[/] {stage}: checkpoint {checkpoint} is corrupt: {problem}")
             corrupt.append(f"{checkpoint} ({problem})")
             continue
-        console.print(f"{stage}: resuming from {checkpoint}", highlight=False)
+        say(f"{stage}: resuming from {checkpoint}")
         return checkpoint
     if corrupt:
         raise TunelineError(
@@ -456,9 +579,14 @@ def write_model_dir(
     provenance: dict[str, Any],
     card: str,
     adapter_name: str = "default",
+    state: Mapping[str, Any] | None = None,
 ) -> None:
-    """Adapter (safetensors only), tokenizer, provenance.json and README.md into ``out``."""
-    model.save_pretrained(str(out), safe_serialization=True, selected_adapters=[adapter_name])
+    """Adapter (safetensors only), tokenizer, provenance.json and README.md into ``out``.
+
+    ``state``: the full state dict gathered from FSDP shards (``trained_model``).
+    """
+    extra = {"state_dict": dict(state)} if state is not None else {}
+    model.save_pretrained(str(out), safe_serialization=True, selected_adapters=[adapter_name], **extra)
     tokenizer.save_pretrained(str(out))
     check_adapter_dir(out)
     provenance = {**provenance, "adapter_sha256": sha256_file(out / "adapter_model.safetensors"), **stamp()}

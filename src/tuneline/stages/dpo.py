@@ -7,6 +7,9 @@ Writes: ``paths.dpo_model``/ (adapter safetensors, tokenizer, provenance.json na
         ``paths.checkpoints``/dpo/ (resumable checkpoints while training).
 Params: ``dpo``, ``model``, ``seed``, ``compute.num_processes``.
 
+With ``compute.num_processes > 1`` the command runs under ``accelerate launch`` (one
+process per GPU); the main process alone prints the plan and writes the outputs.
+
 The SFT adapter is merged into the base and a fresh LoRA adapter is trained on top, so
 TRL's reference (the model with adapters disabled) is exactly the SFT model: at step 0
 the chosen and rejected rewards are zero. The DPO adapter therefore applies to
@@ -26,7 +29,7 @@ from tuneline.errors import InputError, TunelineError
 from tuneline.modeling import Loaded
 from tuneline.params import Params
 from tuneline.provenance import sha256_path
-from tuneline.records import atomic_dir, read_jsonl, write_json
+from tuneline.records import atomic_dir, read_json, read_jsonl, write_json
 from tuneline.training import (
     GuardCallback,
     MarkerCallback,
@@ -34,21 +37,27 @@ from tuneline.training import (
     base_provenance,
     check_weights_changed,
     data_hashes,
+    drop_shared_dataset,
     fingerprint,
     finish_checkpoints,
     last_logged,
     load_for_training,
     lora_config,
     make_plan,
+    match_adapter_dtype,
     model_card,
     resume_checkpoint,
+    shared_dataset,
     train_with_checkpoints,
     trainable_snapshot,
+    trained_model,
     trainer_args,
+    wait_for_everyone,
     write_model_dir,
     write_plots,
 )
 
+SHARED_DATASET = "shared-dataset"
 PAIR_FIELDS = {"prompt": (str, list), "chosen": str, "rejected": str}
 PLOT_KEYS = (
     "loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
@@ -96,7 +105,6 @@ def check_prompt_ids(loaded: Loaded, pairs: list[dict[str, Any]], dataset: Any, 
 
 
 def build_trainer(params: Params, loaded: Loaded, rows: list[dict[str, Any]], output_dir: Path) -> Any:
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     dp = params.dpo
@@ -116,7 +124,8 @@ def build_trainer(params: Params, loaded: Loaded, rows: list[dict[str, Any]], ou
     return DPOTrainer(
         model=loaded.model,
         args=config,
-        train_dataset=Dataset.from_list(rows),
+        # Several processes share the precomputed reference log-probs through files.
+        train_dataset=shared_dataset(rows, output_dir / SHARED_DATASET, config.world_size),
         processing_class=loaded.tokenizer,
         peft_config=lora_config(dp.lora),
     )
@@ -162,9 +171,12 @@ def run(params: Params) -> dict[str, Any]:
         epochs=float(trainer.args.num_train_epochs),
         warmup=float(trainer.args.warmup_steps),
     )
-    warnings = announce_plan(plan, "dpo", dp.min_optimizer_steps, dp.strict_plan)
-    write_json(metrics_path, {"status": "training", "plan": plan.as_dict(), "warnings": warnings})
+    main = trainer.is_world_process_zero()
+    warnings = announce_plan(plan, "dpo", dp.min_optimizer_steps, dp.strict_plan, show=main)
+    if main:
+        write_json(metrics_path, {"status": "training", "plan": plan.as_dict(), "warnings": warnings})
 
+    match_adapter_dtype(trainer)
     trainer.add_callback(GuardCallback("dpo"))
     trainer.add_callback(MarkerCallback(run_id))
     initial = trainable_snapshot(trainer.model)
@@ -172,7 +184,11 @@ def run(params: Params) -> dict[str, Any]:
     started = time.perf_counter()
     result = train_with_checkpoints(trainer, resume, ckpt_dir, "dpo")
     runtime = time.perf_counter() - started
-    change = check_weights_changed(trainer.model, initial, "dpo")
+    model, state = trained_model(trainer)
+    if not main:
+        wait_for_everyone()
+        return read_json(metrics_path)
+    change = check_weights_changed(model, initial, "dpo", state)
 
     history = trainer.state.log_history
     results = {
@@ -200,8 +216,8 @@ def run(params: Params) -> dict[str, Any]:
     }
     with atomic_dir(params.paths.dpo_model) as tmp:
         write_model_dir(
-            tmp, model=trainer.model, tokenizer=loaded.tokenizer, provenance=provenance,
-            card=model_card("DPO adapter", provenance, plan, results),
+            tmp, model=model, tokenizer=loaded.tokenizer, provenance=provenance,
+            card=model_card("DPO adapter", provenance, plan, results), state=state,
         )
         shutil.copytree(sft_dir, tmp / "parent")
     plots = write_plots(history, Path(params.paths.metrics) / "dpo", PLOT_KEYS)
@@ -218,4 +234,6 @@ def run(params: Params) -> dict[str, Any]:
     }
     write_json(metrics_path, metrics)
     finish_checkpoints(ckpt_dir, run_id, trainer.state.global_step)
+    drop_shared_dataset(ckpt_dir / SHARED_DATASET)
+    wait_for_everyone()
     return metrics

@@ -8,6 +8,10 @@ Writes: ``paths.sft_model``/ (adapter safetensors, tokenizer, provenance.json, R
         ``paths.checkpoints``/sft/ (resumable checkpoints while training).
 Params: ``sft``, ``model``, ``seed``, ``compute.num_processes``.
 
+With ``compute.num_processes > 1`` the command runs under ``accelerate launch`` (one
+process per GPU): every rank trains on its share of each batch; the main process alone
+prints the plan and writes the outputs, and the others return the metrics it wrote.
+
 Loss is on completion tokens only, and the terminator (the tokenizer's eos) is appended
 to every completion inside the loss so the model learns to stop. Records are tokenized
 here with the loader's prompt encoding (sentinel-checked) so training sees exactly the
@@ -25,7 +29,7 @@ from typing import Any
 from tuneline.errors import InputError, TunelineError
 from tuneline.modeling import Loaded, chat_special_ids
 from tuneline.params import Params
-from tuneline.records import atomic_dir, read_jsonl, write_json
+from tuneline.records import atomic_dir, read_json, read_jsonl, write_json
 from tuneline.training import (
     GuardCallback,
     MarkerCallback,
@@ -41,11 +45,14 @@ from tuneline.training import (
     load_for_training,
     lora_config,
     make_plan,
+    match_adapter_dtype,
     model_card,
     resume_checkpoint,
     train_with_checkpoints,
     trainable_snapshot,
+    trained_model,
     trainer_args,
+    wait_for_everyone,
     write_model_dir,
     write_plots,
 )
@@ -170,9 +177,12 @@ def run(params: Params) -> dict[str, Any]:
     eval_rows, _ = tokenize(loaded, val_records, sp.max_seq_len, val_path)
     trainer = build_trainer(params, loaded, train_rows, eval_rows, ckpt_dir)
     plan = plan_for(params, trainer, stats, len(eval_rows) if trainer.eval_dataset is not None else 0)
-    warnings = announce_plan(plan, "sft", sp.min_optimizer_steps, sp.strict_plan)
-    write_json(metrics_path, {"status": "training", "plan": plan.as_dict(), "warnings": warnings})
+    main = trainer.is_world_process_zero()
+    warnings = announce_plan(plan, "sft", sp.min_optimizer_steps, sp.strict_plan, show=main)
+    if main:
+        write_json(metrics_path, {"status": "training", "plan": plan.as_dict(), "warnings": warnings})
 
+    match_adapter_dtype(trainer)
     trainer.add_callback(GuardCallback("sft"))
     trainer.add_callback(MarkerCallback(run_id))
     initial = trainable_snapshot(trainer.model)
@@ -180,11 +190,15 @@ def run(params: Params) -> dict[str, Any]:
     started = time.perf_counter()
     result = train_with_checkpoints(trainer, resume, ckpt_dir, "sft")
     runtime = time.perf_counter() - started
-    change = check_weights_changed(trainer.model, initial, "sft")
     if trainer.state.global_step != plan.optimizer_steps:
         raise TunelineError(
             f"sft: the trainer ran {trainer.state.global_step} optimizer steps but the plan said {plan.optimizer_steps}"
         )
+    model, state = trained_model(trainer)
+    if not main:
+        wait_for_everyone()
+        return read_json(metrics_path)
+    change = check_weights_changed(model, initial, "sft", state)
 
     history = trainer.state.log_history
     tokens_seen = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0) or plan.tokens_total
@@ -213,8 +227,8 @@ def run(params: Params) -> dict[str, Any]:
     }
     with atomic_dir(params.paths.sft_model) as tmp:
         write_model_dir(
-            tmp, model=trainer.model, tokenizer=loaded.tokenizer, provenance=provenance,
-            card=model_card("SFT adapter", provenance, plan, results),
+            tmp, model=model, tokenizer=loaded.tokenizer, provenance=provenance,
+            card=model_card("SFT adapter", provenance, plan, results), state=state,
         )
     plots = write_plots(history, Path(params.paths.metrics) / "sft", PLOT_KEYS)
     metrics = {
@@ -227,4 +241,5 @@ def run(params: Params) -> dict[str, Any]:
     }
     write_json(metrics_path, metrics)
     finish_checkpoints(ckpt_dir, run_id, trainer.state.global_step)
+    wait_for_everyone()
     return metrics
