@@ -80,15 +80,15 @@ def test_compare_layout_and_known_values(tmp_path):
         "ci_high": pytest.approx(high, abs=1e-6), "k": 20, "n": 60,
     }
 
-    assert set(on_disk) >= {"sft_vs_base", "dpo_vs_base", "sft_vs_dpo"}
+    assert set(on_disk) >= {"sft_vs_base", "dpo_vs_base", "dpo_vs_sft"}
     valid = on_disk["sft_vs_base"]["schema_valid_rate"]
     assert (valid["only_model"], valid["only_other"], valid["n"]) == (10, 2, 60)
     assert valid["diff"] == pytest.approx(8 / 60, abs=1e-6)
     assert valid["p_value"] == pytest.approx(158 / 4096, abs=1e-6)  # exact McNemar, b=10, c=2
     assert valid["ci_low"] < valid["diff"] < valid["ci_high"]
-    dpo_sft = on_disk["sft_vs_dpo"]["schema_valid_rate"]
-    assert (dpo_sft["only_model"], dpo_sft["only_other"]) == (0, 15)
-    assert dpo_sft["diff"] == pytest.approx(-0.25) and dpo_sft["p_value"] == pytest.approx(2 * 0.5**15)
+    dpo_sft = on_disk["dpo_vs_sft"]["schema_valid_rate"]
+    assert (dpo_sft["only_model"], dpo_sft["only_other"]) == (15, 0)
+    assert dpo_sft["diff"] == pytest.approx(0.25) and dpo_sft["p_value"] == pytest.approx(2 * 0.5**15)
     same = on_disk["sft_vs_base"]["destination_accuracy"]
     assert (same["diff"], same["ci_low"], same["ci_high"], same["p_value"]) == (0.0, 0.0, 0.0, 1.0)
     assert on_disk["suite_sha256"] == SUITE_SHA and on_disk["contract_sha256"] == CONTRACT_SHA
@@ -106,8 +106,8 @@ def test_compare_report_verdicts_power_note_and_plot(tmp_path):
     assert "No significant difference in" in sft_base and "destination accuracy" in sft_base
     dpo_base = next(v for v in verdicts if v.startswith("- **dpo vs base**"))
     assert "a lower truncated rate (-16.7 points" in dpo_base and "p = 0.002: better)" in dpo_base
-    sft_dpo = next(v for v in verdicts if v.startswith("- **sft vs dpo**"))
-    assert "a lower schema valid rate (-25.0 points" in sft_dpo and "p < 0.001: worse)" in sft_dpo
+    dpo_sft = next(v for v in verdicts if v.startswith("- **dpo vs sft**"))
+    assert "a higher schema valid rate (+25.0 points" in dpo_sft and "p < 0.001: better)" in dpo_sft
     assert "## Power" in report and "too small to detect a 10.0-point difference at 80% power" in report
     assert "| base | 60 |" in report
     assert "- base: invalid_json 40" in report and "- dpo: invalid_json 17" in report
