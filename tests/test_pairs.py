@@ -75,3 +75,37 @@ def test_invalid_chosen_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None
     write_clean(params, records, val=0)
     with pytest.raises(InputError, match=r"train.jsonl:3: the completion of record .* fails the contract"):
         pairs.run(params)
+
+
+def test_on_policy_samples_the_sft_model_and_pairs_best_with_worst(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real sampling from base + SFT adapter runs end to end; pairing ranks by the contract."""
+    from tuneline.stages import sft
+
+    params = tiny_params(
+        tmp_path, tiny_model_dir,
+        {"pairs": {"strategies": ["drop_field"], "on_policy": True, "on_policy_k": 2,
+                   "on_policy_max_prompts": 2, "on_policy_max_new_tokens": 6, "on_policy_batch_size": 2}},
+    )
+    write_clean(params)
+    sft.run(params)
+    records = _records()[2:]
+    for n, r in enumerate(records, start=1):
+        r["_line"] = n
+    from tuneline.training import load_for_eval
+
+    samples = pairs.sample(load_for_eval(params, params.paths.sft_model), [r["prompt"] for r in records[:2]], params)
+    assert [len(group) for group in samples] == [2, 2]
+    assert all(isinstance(text, str) and logp <= 0 for group in samples for text, logp in group)
+
+    # Pairing: the contract score decides first, mean log-prob breaks ties.
+    contract = load_contract(SCHEMA)
+    valid = records[0]["completion"]
+    fake = [[("not json", -0.1), (valid, -2.0)], [("still not json", -0.5), ("nor this", -0.2)]]
+    monkeypatch.setattr(pairs, "sample", lambda loaded, prompts, p: fake[: len(prompts)])
+    made = pairs.on_policy(records, contract, params)
+    assert len(made) == 1  # the second prompt's samples score the same: no pair
+    assert made[0]["chosen"] == valid and made[0]["rejected"] == "not json"
+    assert made[0]["meta"]["strategy"] == "on_policy"
+    assert made[0]["meta"]["chosen_score"] > made[0]["meta"]["rejected_score"]
