@@ -75,7 +75,6 @@ def ran_stages(output: str) -> set[str]:
     }
 
 
-@pytest.mark.slow
 def test_dvc_repro_end_to_end(tiny_model_dir, tmp_path):
     project = make_project(tmp_path, tiny_model_dir, TINY_OVERRIDES)
     first = _run(["dvc", "repro"], project)
