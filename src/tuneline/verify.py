@@ -204,6 +204,9 @@ def _covered(rel: str, paths: Sequence[str]) -> bool:
     return any(p in (".", rel) or rel.startswith(p + "/") for p in paths)
 
 
+_SELF = "src/tuneline/verify.py"
+
+
 def _is_metadata(rel: str) -> bool:
     parts = rel.split("/")
     return parts[-1] in METADATA_NAMES or any(part in METADATA_DIRS for part in parts[:-1]) or parts[0] in METADATA_DIRS
@@ -398,6 +401,8 @@ def analyse(scratch: Scratch, root: Path, stage: StageDecl, keep: Any) -> tuple[
                 writes[rel] = "written into the real workspace, not the scratch copy"
             continue
         if rel in written or _covered(rel, declared) or (event["i"] and keep.match_file(rel)):
+            continue
+        if rel == _SELF:  # the audit hook reading its own module
             continue
         existed = rel in scratch.before or (root / rel).is_file()
         if not existed or os.path.isdir(event["p"]):
