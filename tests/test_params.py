@@ -69,3 +69,11 @@ def test_cli_params_check_exit_2_before_loading_models(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "sft.lora.r: 0 is not a positive integer" in proc.stderr
     assert "seed: -1" in proc.stderr
+
+
+def test_cli_usage_error_is_exit_2(tmp_path):
+    import subprocess
+
+    proc = subprocess.run(["tuneline", "probe"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Missing" in proc.stderr and "model" in proc.stderr.lower()

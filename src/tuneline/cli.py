@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.exceptions import TyperException
 
 from tuneline import archive, launch, verify
 from tuneline.errors import TunelineError
@@ -44,13 +45,13 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # noqa: BLE001 - click usage errors arrive here; anything else re-raises
-        from click import ClickException
-
-        if isinstance(exc, ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
+    except TyperException as exc:  # usage errors: unknown option, missing argument (bad input)
+        show = getattr(exc, "show", None)
+        if show is None:
+            err.print(f"error: {exc}", highlight=False)
+        else:
+            show()
+        sys.exit(2)
 
 
 def stage_params(path: Path) -> Params:
