@@ -56,3 +56,47 @@ def test_dpo_and_probe_on_cuda(tmp_path: Path, tiny_model_dir: Path, monkeypatch
     ids = torch.tensor([loaded.render_ids("### Instruction\nPlan a day in Lisbon.\n\n### Response\n")], device="cuda")
     out = loaded.model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids.shape[1]
+
+
+def test_sdpa_varlen_matches_padded_sdpa_on_cuda(tiny_model_dir: Path) -> None:
+    """One packed row through varlen flash attention gives the logits of the same
+    sequences padded through SDPA; without the boundaries it would not."""
+    from tuneline.modeling import load
+    from tuneline.params import ModelParams
+
+    loaded = load(tiny_model_dir, ModelParams(device="cuda", dtype="bfloat16", attn_implementation="sdpa_varlen"))
+    model = loaded.model
+    torch.manual_seed(0)
+    lengths = [37, 5, 120, 64]
+    ids = [torch.randint(3, len(loaded.tokenizer), (n,)) for n in lengths]
+    padded = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=0).cuda()
+    mask = (torch.arange(padded.shape[1])[None] < torch.tensor(lengths)[:, None]).long().cuda()
+    packed = torch.cat(ids)[None].cuda()
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32).cuda()
+    with torch.no_grad():
+        ref = model(padded, attention_mask=mask, use_cache=False).logits.float()
+        ref = torch.cat([ref[i, :n] for i, n in enumerate(lengths)])
+        out = model(packed, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
+                    max_length_k=max(lengths), use_cache=False).logits[0].float()
+        fallback = model(packed, position_ids=positions, use_cache=False).logits[0].float()  # SDPA, packed mask
+        leak = model(packed, use_cache=False).logits[0].float()  # one causal row: no boundaries
+    error = float((out - ref).norm() / ref.norm())
+    assert error < 2e-2, error
+    assert float((fallback - ref).norm() / ref.norm()) < 2e-2
+    assert float((leak - ref).norm() / ref.norm()) > 5 * error
+
+
+def test_sft_padding_free_varlen_on_cuda(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tuneline.stages import sft
+
+    params = tiny_params(
+        tmp_path, tiny_model_dir,
+        {"model": {"device": "cuda", "attn_implementation": "sdpa_varlen"},
+         "sft": {"padding_free": True, "warmup_ratio": 0.0, "lora": {"dropout": 0.0}}},
+    )
+    write_clean(params)
+    metrics = sft.run(params)
+    assert metrics["steps"] >= 1 and metrics["max_weight_change"] > 0
+    assert torch.isfinite(torch.tensor(metrics["train_loss"]))
+    assert "steady_tokens_per_s" in metrics

@@ -9,7 +9,8 @@ Rules (DESIGN.md, "The model loader"):
 - Safetensors only; ``trust_remote_code`` is never set; pickle checkpoints and configs
   that need custom code are refused.
 - ``quantization: nf4`` uses bitsandbytes on CUDA and is a clear error elsewhere.
-- ``dtype: auto`` is bfloat16 on CUDA and float32 on CPU.
+- ``dtype: auto`` is bfloat16 on CUDA and on a CPU with native bf16 matmuls
+  (AVX512-BF16 or AMX), float32 on other CPUs; provenance records the dtype used.
 - In a distributed worker (``LOCAL_RANK`` set by ``accelerate launch``) the model goes to
   that worker's GPU, ``cuda:{LOCAL_RANK}``, which also becomes the current CUDA device.
 - Adapters are applied on top of one loaded base and switched or disabled without
@@ -51,6 +52,11 @@ def local_rank() -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+def fsdp_worker() -> bool:
+    """True in a worker that ``accelerate launch --use_fsdp`` started."""
+    return local_rank() is not None and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1")
+
+
 def cuda_index() -> int:
     """The GPU this process trains on: its local rank in a distributed run, else 0.
 
@@ -69,11 +75,21 @@ def cuda_index() -> int:
     return index
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (oneDNN with AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_dtype(spec: ModelParams, device: str) -> Any:
     import torch
 
     if spec.dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        return torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
     return getattr(torch, spec.dtype)
 
 
@@ -245,9 +261,17 @@ def load(
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": cuda_index()}
+    if spec.attn_implementation == "sdpa_varlen":
+        from tuneline.attention import register
+
+        register()
     tokenizer = load_tokenizer(path, spec.format)
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    if spec.quantization != "nf4":
+    # Under FSDP the model stays in CPU memory: each rank's shards go to its GPU when the
+    # Trainer wraps it, so a model larger than one GPU can be trained.
+    if device == "cuda" and fsdp_worker():
+        cuda_index()
+    elif spec.quantization != "nf4":
         model.to(f"cuda:{cuda_index()}" if device == "cuda" else device)
     model.eval()
     provenance = {

@@ -220,6 +220,9 @@ class ProbeParams(Section):
     temperature: PositiveFloat = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     stratify_by: list[str] = Field(default_factory=lambda: ["payload_type"])  # expect keys
+    # Merge the adapter into the base weights before generating: the same function up to
+    # float rounding, and no LoRA side matmuls per token. Never done for nf4 bases.
+    merge_adapter: bool = True
 
 
 class CompareParams(Section):

@@ -214,6 +214,8 @@ def trainer_args(
     import torch
 
     cuda = loaded.device == "cuda"
+    # bf16/fp16 weights train under autocast in that precision, on CUDA and on a CPU
+    # with native bf16 (model.dtype auto picks bf16 there).
     dtype = getattr(loaded.model, "dtype", torch.float32)
     args: dict[str, Any] = {
         "output_dir": str(output_dir),
@@ -234,7 +236,7 @@ def trainer_args(
         "report_to": "none",
         "seed": params.seed,
         "data_seed": params.seed,
-        "bf16": cuda and dtype == torch.bfloat16,
+        "bf16": dtype == torch.bfloat16,
         "fp16": cuda and dtype == torch.float16,
         "use_cpu": not cuda,
         "use_liger_kernel": cuda and liger_available(),
@@ -382,13 +384,59 @@ class GuardCallback(TrainerCallback):
 
         if model is None:
             return
-        for name, param in model.named_parameters():
-            if param.requires_grad and not torch.isfinite(param).all():
+        trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+        # One device sync per step: a non-finite weight makes its norm non-finite; only
+        # then look for the weight to name.
+        norms = torch._foreach_norm([param.detach() for _, param in trainable]) if trainable else []
+        if not norms or bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+            return
+        for name, param in trainable:
+            if not torch.isfinite(param).all():
                 raise TunelineError(
                     f"{self.stage}: non-finite loss or gradient at step {state.global_step} made weight {name} "
                     f"non-finite; training stopped and no adapter was written (lower {self.stage}.learning_rate "
                     "or check the data)"
                 )
+
+
+class ThroughputCallback(TrainerCallback):
+    """Steady-state throughput: seconds and input tokens (as the Trainer counts them) over
+    the optimizer steps after the first ``skip``, leaving out start-up, the first kernel
+    launches and allocator growth."""
+
+    def __init__(self, skip: int = 3):
+        self.skip = skip
+        self.start: tuple[float, int] | None = None
+        self.end: tuple[float, int, int] | None = None
+
+    def _mark(self, state: Any) -> tuple[float, int]:
+        import time
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter(), int(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.skip:
+            self.start = self._mark(state)
+        elif state.global_step > self.skip and self.start is not None:
+            self.end = (*self._mark(state), state.global_step)
+
+    def summary(self, tokens_per_step: float | None = None) -> dict[str, Any]:
+        """``steady_steps``, ``steady_s`` and ``steady_tokens_per_s`` (None when too few
+        steps); ``tokens_per_step`` replaces the Trainer's token count (dpo: the plan's)."""
+        if self.start is None or self.end is None:
+            return {"steady_steps": 0, "steady_s": None, "steady_tokens_per_s": None}
+        seconds = self.end[0] - self.start[0]
+        steps = self.end[2] - self.skip
+        tokens = self.end[1] - self.start[1] if tokens_per_step is None else tokens_per_step * steps
+        return {
+            "steady_steps": steps,
+            "steady_s": round(seconds, 3),
+            "steady_tokens_per_s": round(tokens / seconds, 2) if seconds > 0 and tokens > 0 else None,
+        }
 
 
 # -- checkpoints and resume --------------------------------------------------------------
@@ -637,11 +685,14 @@ def adapter_stack(adapter_dir: str | Path) -> list[Path]:
     return stack
 
 
-def load_for_eval(params: Params, adapter_dir: str | Path | None, adapter_name: str = "default") -> Loaded:
+def load_for_eval(
+    params: Params, adapter_dir: str | Path | None, adapter_name: str = "default", *, merge: bool = False
+) -> Loaded:
     """The base with ``adapter_dir`` on top: parents named in provenance.json (the SFT
     adapter under a DPO adapter) are attached and merged first, exactly as in training.
 
-    ``adapter_dir=None`` returns the bare base.
+    ``merge=True`` merges the top adapter too (faster generation; never for an nf4 base,
+    whose merge would re-quantize). ``adapter_dir=None`` returns the bare base.
     """
     loaded = load(params.paths.base_model, params.model)
     if adapter_dir is None:
@@ -651,7 +702,12 @@ def load_for_eval(params: Params, adapter_dir: str | Path | None, adapter_name: 
     for parent in parents:
         merge_adapter(loaded, parent)
         merged.append({"path": str(parent), "sha256": sha256_path(parent)})
-    loaded.attach_adapter(top, adapter_name)
+    if merge and params.model.quantization == "none":
+        merge_adapter(loaded, top)
+        loaded.provenance["adapters"] = {adapter_name: sha256_path(top)}
+        loaded.provenance["merged_top"] = True
+    else:
+        loaded.attach_adapter(top, adapter_name)
     loaded.provenance["merged_parents"] = merged
     return loaded
 

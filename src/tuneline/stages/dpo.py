@@ -33,6 +33,7 @@ from tuneline.records import atomic_dir, read_json, read_jsonl, write_json
 from tuneline.training import (
     GuardCallback,
     MarkerCallback,
+    ThroughputCallback,
     announce_plan,
     base_provenance,
     check_weights_changed,
@@ -179,6 +180,8 @@ def run(params: Params) -> dict[str, Any]:
     match_adapter_dtype(trainer)
     trainer.add_callback(GuardCallback("dpo"))
     trainer.add_callback(MarkerCallback(run_id))
+    throughput = ThroughputCallback()
+    trainer.add_callback(throughput)
     initial = trainable_snapshot(trainer.model)
     resume = resume_checkpoint(ckpt_dir, run_id, "dpo")
     started = time.perf_counter()
@@ -230,6 +233,8 @@ def run(params: Params) -> dict[str, Any]:
         "runtime_s": round(runtime, 2),
         "tokens_seen": tokens_seen,
         "tokens_per_s": round(tokens_seen / runtime, 2) if resume is None and runtime > 0 else None,
+        # the plan's tokens per optimizer step (a pair's prompt counted once)
+        **throughput.summary(plan.tokens_total / max(plan.optimizer_steps, 1)),
         "plots": plots,
     }
     write_json(metrics_path, metrics)

@@ -289,8 +289,9 @@ def run(params: Params, model: str) -> dict[str, Any]:
     paths = output_paths(params, model)
 
     # One base per process; an adapter trained on top of a parent (dpo on sft) gets its
-    # parent merged first, exactly as in training.
-    loaded = load_for_eval(params, adapter, adapter_name=model)
+    # parent merged first, exactly as in training; the top adapter is merged too unless
+    # probe.merge_adapter is false.
+    loaded = load_for_eval(params, adapter, adapter_name=model, merge=pp.merge_adapter)
     prompts = [render(line["instruction"], loaded.format) for line in suite]
     prompt_ids = loaded.encode(prompts)
     if pp.do_sample:

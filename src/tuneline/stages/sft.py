@@ -34,6 +34,7 @@ from tuneline.training import (
     GuardCallback,
     MarkerCallback,
     Plan,
+    ThroughputCallback,
     announce_plan,
     base_provenance,
     check_weights_changed,
@@ -185,6 +186,8 @@ def run(params: Params) -> dict[str, Any]:
     match_adapter_dtype(trainer)
     trainer.add_callback(GuardCallback("sft"))
     trainer.add_callback(MarkerCallback(run_id))
+    throughput = ThroughputCallback()
+    trainer.add_callback(throughput)
     initial = trainable_snapshot(trainer.model)
     resume = resume_checkpoint(ckpt_dir, run_id, "sft")
     started = time.perf_counter()
@@ -214,6 +217,7 @@ def run(params: Params) -> dict[str, Any]:
         "runtime_s": round(runtime, 2),
         "tokens_per_s": round(tokens_seen / runtime, 2) if resume is None and runtime > 0 else None,
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
+        **throughput.summary(),
     }
     provenance = {
         "stage": "sft",
