@@ -60,7 +60,8 @@ class ModelParams(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "nf4"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # sdpa_varlen: SDPA, with varlen flash attention for padding-free rows (tuneline.attention)
+    attn_implementation: Literal["sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = "sdpa"
 
     @model_validator(mode="after")
     def _nf4_needs_cuda(self) -> ModelParams:
