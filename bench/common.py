@@ -25,8 +25,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 BF16_PEAK_TFLOPS = {"H100": 798.0, "H200": 790.0}  # measured 8192^3 bf16 matmul rates on the lent machines
 
 
-def build_random_model(shape: str, tokenizer: Any, dtype: Any, device: str) -> Any:
-    """A random-initialized Qwen2 model of a public shape, with the tokenizer's vocabulary."""
+def build_random_model(shape: str, tokenizer: Any, dtype: Any, device: str, attn: str = "sdpa") -> Any:
+    """A random-initialized Qwen2 model of a public shape, with the tokenizer's vocabulary
+    (``attn="sdpa_varlen"`` needs ``tuneline.attention.register()`` first)."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -37,7 +38,7 @@ def build_random_model(shape: str, tokenizer: Any, dtype: Any, device: str) -> A
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     return model
 
 

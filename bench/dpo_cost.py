@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--schema", default="data/seed/contract.schema.json")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lora-dropout", type=float, default=0.1)
+    ap.add_argument("--sft-varlen", action="store_true",
+                    help="also time sft padding-free with model.attn_implementation sdpa_varlen")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
@@ -44,11 +47,12 @@ def main() -> None:
         p["_line"] = i
     device = "cuda" if torch.cuda.is_available() else "cpu"
     common = {"per_device_batch_size": args.batch, "gradient_accumulation_steps": 1, "num_epochs": 1,
-              "warmup_ratio": 0.0, "min_optimizer_steps": 0}
+              "warmup_ratio": 0.0, "min_optimizer_steps": 0, "lora": {"dropout": args.lora_dropout}}
     rows = []
 
-    def fresh() -> Loaded:
-        model = build_random_model(args.shape, tokenizer, torch.bfloat16 if device == "cuda" else torch.float32, device)
+    def fresh(attn: str = "sdpa") -> Loaded:
+        model = build_random_model(args.shape, tokenizer, torch.bfloat16 if device == "cuda" else torch.float32, device,
+                                   attn)
         return Loaded(model=model, tokenizer=tokenizer, provenance={"model": args.shape}, format="completion",
                       device=device)
 
@@ -63,18 +67,26 @@ def main() -> None:
 
     # sft on the chosen completions of the same prompts; timed from trainer construction,
     # as dpo is (TRL may compute reference log-probs there)
-    params = parse_params({"sft": {**common, "max_seq_len": 1024, "eval_each_epoch": False,
-                                   "trainer": {"save_strategy": "no"}}})
-    loaded = fresh()
-    began = time.perf_counter()
-    trainer = sft_stage.build_trainer(params, loaded, sft_rows, [], Path("/tmp/bench-dpo-sft"))
-    trainer.train()
-    seconds = time.perf_counter() - began
-    tokens = sum(len(r["input_ids"]) for r in sft_rows)
-    rows.append({"variant": "sft (chosen only)", "examples": len(sft_rows), "tokens": tokens,
-                 "us_per_token": 1e6 * seconds / tokens})
-    del trainer, loaded
-    gc.collect()
+    variants = [("sft (chosen only)", "sdpa", False)]
+    if args.sft_varlen:
+        from tuneline.attention import register
+
+        register()
+        variants.append(("sft (chosen only), padding-free sdpa_varlen", "sdpa_varlen", True))
+    for name, attn, padding_free in variants:
+        params = parse_params({"sft": {**common, "max_seq_len": 1024, "eval_each_epoch": False,
+                                       "padding_free": padding_free, "trainer": {"save_strategy": "no"}}})
+        loaded = fresh(attn)
+        began = time.perf_counter()
+        trainer = sft_stage.build_trainer(params, loaded, sft_rows, [], Path("/tmp/bench-dpo-sft"))
+        trainer.train()
+        seconds = time.perf_counter() - began
+        tokens = sum(len(r["input_ids"]) for r in sft_rows)
+        rows.append({"variant": name, "examples": len(sft_rows), "tokens": tokens, "seconds": round(seconds, 2),
+                     "us_per_token": 1e6 * seconds / tokens})
+        print(rows[-1], flush=True)
+        del trainer, loaded
+        gc.collect()
 
     for precompute in (False, True):
         params = parse_params({"dpo": {**common, "max_length": 1024, "precompute_ref_log_probs": precompute,
@@ -89,15 +101,19 @@ def main() -> None:
         tokens = sum(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
                      for r in trainer.train_dataset)
         rows.append({"variant": f"dpo, precompute_ref_log_probs={precompute}", "examples": len(dpo_rows),
-                     "tokens": tokens, "us_per_token": 1e6 * seconds / tokens})
+                     "tokens": tokens, "seconds": round(seconds, 2), "us_per_token": 1e6 * seconds / tokens})
+        print(rows[-1], flush=True)
         del trainer, loaded
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
     for row in rows:
         row["vs_sft"] = row["us_per_token"] / rows[0]["us_per_token"]
+        if args.sft_varlen:
+            row["vs_sft_varlen"] = row["us_per_token"] / rows[1]["us_per_token"]
     print_table(f"DPO cost per token, {args.shape} on {device}", rows)
-    write_result(f"dpo_cost_{args.shape}", rows, vars(args), args.out)
+    setup = {**vars(args), "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "trl", "peft")}}
+    write_result(f"dpo_cost_{args.shape}", rows, setup, args.out)
 
 
 if __name__ == "__main__":

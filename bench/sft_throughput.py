@@ -1,8 +1,13 @@
-"""sft throughput: tuneline's sft path vs a plain TRL SFTTrainer script with its defaults.
+"""sft throughput and MFU: tuneline's sft path in several GPU settings vs a plain TRL
+SFTTrainer script with its defaults.
 
-Same model shape, data, LoRA config, max length and effective batch (in examples). Reports
-non-padding tokens/s, MFU (LoRA = 4N + attention FLOPs per token, against the device's
-measured bf16 matmul peak) and peak memory, side by side in one process.
+Same model shape, data, LoRA rank and max length in every variant. Reports steady-state
+non-padding tokens/s (steps after a warm-up), MFU (LoRA = 4N + attention FLOPs per token,
+N without the input embedding, against the device's measured bf16 matmul peak), peak
+memory and the per-step training loss, side by side in one process. Variants that train
+on the same batches in the same order are compared by their loss curves (mean and largest
+absolute difference per step against the first such variant). ``--check`` first compares
+the logits of padded SDPA with packed ``sdpa_varlen`` rows on the same sequences.
 
     python bench/sft_throughput.py --shape qwen2.5-1.5b --tokenizer models/base \
         --data data/clean/train.jsonl --steps 30 --out bench/results
@@ -12,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from common import (
-    Timer,
     build_random_model,
     load_records,
     lora_train_flops_per_token,
@@ -26,6 +31,22 @@ from common import (
     print_table,
     write_result,
 )
+
+D0 = {"lora": {"dropout": 0.0}}
+# name -> (sft param overrides or None for plain TRL, attention, data variant, batch)
+VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str, int]] = {
+    "plain": (None, "sdpa", "records", 8),
+    "padded": ({}, "sdpa", "records", 32),
+    "padded-d0": (D0, "sdpa", "records", 32),
+    "varlen-d0": ({**D0, "padding_free": True}, "sdpa_varlen", "records", 32),
+    "varlen-d0-b64": ({**D0, "padding_free": True}, "sdpa_varlen", "records", 64),
+    "varlen-d0-compile": ({**D0, "padding_free": True, "trainer": {"torch_compile": True}}, "sdpa_varlen",
+                          "records", 32),
+    "long-varlen-d0": ({**D0, "padding_free": True}, "sdpa_varlen", "long", 4),
+    "long-varlen-d0-b8": ({**D0, "padding_free": True}, "sdpa_varlen", "long", 8),
+    "long-varlen-d0-compile": ({**D0, "padding_free": True, "trainer": {"torch_compile": True}}, "sdpa_varlen",
+                               "long", 8),
+}
 
 
 class StepClock:
@@ -40,8 +61,9 @@ class StepClock:
             def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
                 import torch
 
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 if state.global_step == warmup:
-                    torch.cuda.synchronize() if torch.cuda.is_available() else None
                     clock.t0, clock.tokens0 = time.perf_counter(), state.num_input_tokens_seen
                 clock.t1, clock.tokens1 = time.perf_counter(), state.num_input_tokens_seen
 
@@ -54,100 +76,206 @@ class StepClock:
         return (self.tokens1 - self.tokens0) / max(self.t1 - self.t0, 1e-9)
 
 
-def mean_len(rows: list[dict[str, Any]]) -> float:
-    return sum(len(r["input_ids"]) for r in rows) / len(rows)
+def long_records(records: list[dict[str, Any]], join: int) -> list[dict[str, Any]]:
+    """The longer-sequence variant: ``join`` consecutive records as one example (the first
+    prompt, then the completions and later prompts as one completion)."""
+    out = []
+    for i in range(0, len(records) - join + 1, join):
+        group = records[i:i + join]
+        text = group[0]["completion"] + "".join("\n\n" + r["prompt"] + r["completion"] for r in group[1:])
+        out.append({"prompt": group[0]["prompt"], "completion": text})
+    return out
 
 
-def run_plain_trl(model: Any, tokenizer: Any, records: list[dict[str, Any]], steps: int, batch: int, lora: Any) -> dict:
+def losses(history: list[dict[str, Any]]) -> list[float]:
+    return [float(e["loss"]) for e in history if "loss" in e and "step" in e]
+
+
+def run_plain_trl(model: Any, tokenizer: Any, records: list[dict[str, Any]], steps: int, batch: int, lora: Any,
+                  warmup: int) -> dict:
     """What a user gets from a hand-written TRL script: SFTConfig defaults + LoRA."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    clock = StepClock(warmup=min(5, steps // 3))
+    clock = StepClock(warmup)
     config = SFTConfig(
         output_dir="/tmp/bench-plain", max_steps=steps, per_device_train_batch_size=batch,
-        bf16=True, report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True,
+        bf16=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
     )
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                          peft_config=lora, callbacks=[clock.callback])
     trainer.train()
-    return {"tokens_per_s": clock.tokens_per_s, "settings": "TRL defaults (grad ckpt on, padded batch)"}
+    return {"tokens_per_s": clock.tokens_per_s, "losses": losses(trainer.state.log_history)}
 
 
-def run_tuneline(model: Any, tokenizer: Any, records: list[dict[str, Any]], steps: int, batch: int,
-                 overrides: dict[str, Any]) -> tuple[dict, float]:
+def tuneline_rows(tokenizer: Any, model: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from tuneline.modeling import Loaded
-    from tuneline.params import parse_params
-    from tuneline.stages.sft import build_trainer, tokenize
+    from tuneline.stages.sft import tokenize
 
-    params = parse_params({"model": {"format": "completion"}, "sft": {
-        "per_device_batch_size": batch, "max_seq_len": 1024, "eval_each_epoch": False,
-        "trainer": {"max_steps": steps, "save_strategy": "no"}, **overrides}})
     loaded = Loaded(model=model, tokenizer=tokenizer, provenance={"model": "random"}, format="completion",
                     device="cuda")
     for i, r in enumerate(records, 1):
         r["_line"] = i
-    rows, _ = tokenize(loaded, records, 1024, Path("bench-data"))
-    clock = StepClock(warmup=min(5, steps // 3))
+    rows, _ = tokenize(loaded, records, 4096, Path("bench-data"))
+    return rows
+
+
+def run_tuneline(model: Any, tokenizer: Any, records: list[dict[str, Any]], steps: int, batch: int,
+                 overrides: dict[str, Any], warmup: int) -> dict:
+    from tuneline.modeling import Loaded
+    from tuneline.params import parse_params
+    from tuneline.stages.sft import build_trainer
+
+    trainer_over = {"max_steps": steps, "save_strategy": "no", **overrides.get("trainer", {})}
+    params = parse_params({"model": {"format": "completion"}, "sft": {
+        **overrides, "per_device_batch_size": batch, "max_seq_len": 4096, "eval_each_epoch": False,
+        "logging_steps": 1, "trainer": trainer_over}})
+    loaded = Loaded(model=model, tokenizer=tokenizer, provenance={"model": "random"}, format="completion",
+                    device="cuda")
+    rows = tuneline_rows(tokenizer, model, records)
+    clock = StepClock(warmup)
     trainer = build_trainer(params, loaded, rows, [], Path("/tmp/bench-tuneline"))
     trainer.add_callback(clock.callback)
     trainer.train()
-    return {"tokens_per_s": clock.tokens_per_s, "settings": str(overrides)}, mean_len(rows)
+    return {"tokens_per_s": clock.tokens_per_s, "losses": losses(trainer.state.log_history)}
+
+
+def check_varlen(shape: str, tokenizer: Any, records: list[dict[str, Any]], n: int = 16) -> dict[str, float]:
+    """Logits of the same sequences: padded batch through SDPA vs one packed row through
+    sdpa_varlen (and, as a control, the packed row with no sequence boundaries)."""
+    import torch
+
+    from tuneline.attention import register
+
+    register()
+    model = build_random_model(shape, tokenizer, torch.bfloat16, "cuda")
+    rows = tuneline_rows(tokenizer, model, [dict(r) for r in records[:n]])
+    ids = [torch.tensor(r["input_ids"]) for r in rows]
+    lengths = [len(x) for x in ids]
+    padded = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id).cuda()
+    mask = (torch.arange(padded.shape[1])[None] < torch.tensor(lengths)[:, None]).long().cuda()
+    packed = torch.cat(ids)[None].cuda()
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32).cuda()
+    with torch.no_grad():
+        model.config._attn_implementation = "sdpa"
+        ref = model(padded, attention_mask=mask, use_cache=False).logits.float()
+        ref = torch.cat([ref[i, :n] for i, n in enumerate(lengths)])
+        model.config._attn_implementation = "sdpa_varlen"
+        out = model(packed, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
+                    max_length_k=max(lengths), use_cache=False).logits[0].float()
+        model.config._attn_implementation = "sdpa"
+        leak = model(packed, use_cache=False).logits[0].float()  # one causal row: sequences see each other
+    rel = float((out - ref).norm() / ref.norm())
+    rel_leak = float((leak - ref).norm() / ref.norm())
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"sequences": n, "tokens": sum(lengths), "rel_err_varlen_vs_padded_sdpa": rel,
+            "rel_err_control_no_boundaries": rel_leak}
 
 
 def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from tuneline.attention import register
     from tuneline.params import LoraParams
-    from tuneline.training import lora_config
+    from tuneline.training import liger_available, lora_config
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen2.5-1.5b")
     ap.add_argument("--tokenizer", default="models/base")
     ap.add_argument("--data", default="data/clean/train.jsonl")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--tuneline-batch", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--join", type=int, default=8, help="records per example in the longer-sequence variant")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining variants after this many seconds")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
+    began = time.perf_counter()
+    register()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     tokenizer.chat_template = None
     records = load_records(args.data)
-    lora = lora_config(LoraParams())
-    seq = sum(len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) + 1 for r in records) / len(records)
-    rows = []
-    variants: list[tuple[str, dict[str, Any] | None, int]] = [
-        ("plain TRL defaults", None, args.batch),
-        ("tuneline (GPU profile, padded)", {"per_device_batch_size": args.tuneline_batch}, args.tuneline_batch),
-        ("tuneline (GPU profile, padding-free)", {"padding_free": True}, args.tuneline_batch),
-    ]
-    for name, overrides, batch in variants:
-        model = build_random_model(args.shape, tokenizer, torch.bfloat16, "cuda")
-        n_base = n_params(model)
+    data = {"records": records, "long": long_records(records, args.join)}
+    mean_seq = {name: sum(len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) + 1 for r in recs) / len(recs)
+                for name, recs in data.items()}
+    setup: dict[str, Any] = {**vars(args), "mean_seq": mean_seq, "examples": {k: len(v) for k, v in data.items()},
+                             "liger": liger_available(), "lora": "r=16 alpha=32 all-linear",
+                             "versions": {m: __import__(m).__version__ for m in
+                                          ("torch", "transformers", "trl", "peft", "accelerate")}}
+    if args.check:
+        setup["check"] = check_varlen(args.shape, tokenizer, records)
+        print(json.dumps(setup["check"]), flush=True)
+
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, list[float]] = {}
+    for name in args.variants.split(","):
+        if time.perf_counter() - began > args.budget_s:
+            print(f"skipping {name}: over the time budget", flush=True)
+            continue
+        overrides, attn, data_name, batch = VARIANTS[name]
+        model = build_random_model(args.shape, tokenizer, torch.bfloat16, "cuda", attn)
+        n_base = n_params(model) - model.get_input_embeddings().weight.numel()
         torch.cuda.reset_peak_memory_stats()
-        with Timer():
+        started = time.perf_counter()
+        try:
+            recs = [dict(r) for r in data[data_name]]
             if overrides is None:
-                result = run_plain_trl(model, tokenizer, [dict(r) for r in records], args.steps, batch, lora)
+                lora = lora_config(LoraParams())
+                result = run_plain_trl(model, tokenizer, recs, args.steps, batch, lora, args.warmup)
             else:
-                result, _ = run_tuneline(model, tokenizer, [dict(r) for r in records], args.steps, batch, overrides)
-        peak_gb = torch.cuda.max_memory_allocated() / 2**30
-        flops = lora_train_flops_per_token(model.config, n_base, seq)
-        peak = peak_tflops()
-        mfu = result["tokens_per_s"] * flops / (peak * 1e12) if peak else None
-        rows.append({"variant": name, "batch": batch, "tokens_per_s": result["tokens_per_s"],
-                     "mfu": mfu, "peak_gb": peak_gb, "mean_seq": seq})
+                result = run_tuneline(model, tokenizer, recs, args.steps, batch, overrides, args.warmup)
+        except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
+            print(f"{name} failed: {type(exc).__name__}: {exc}", flush=True)
+            rows.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            result = None
+        wall = time.perf_counter() - started
+        if result is not None:
+            seq = mean_seq[data_name]
+            flops = lora_train_flops_per_token(model.config, n_base, seq)
+            causal = flops - 6.0 * model.config.num_hidden_layers * model.config.hidden_size * seq
+            peak = peak_tflops()
+            tps = result["tokens_per_s"]
+            rows.append({"variant": name, "attn": attn, "data": data_name, "batch": batch, "mean_seq": round(seq, 1),
+                         "tokens_per_s": round(tps), "mfu": tps * flops / (peak * 1e12) if peak else None,
+                         "mfu_causal": tps * causal / (peak * 1e12) if peak else None,
+                         "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1), "wall_s": round(wall, 1),
+                         "first_loss": result["losses"][0] if result["losses"] else None,
+                         "last_loss": result["losses"][-1] if result["losses"] else None})
+            curves[name] = result["losses"]
+            print(json.dumps(rows[-1]), flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    base_tps = rows[0]["tokens_per_s"]
-    for row in rows:
-        row["speedup"] = row["tokens_per_s"] / base_tps
-    print_table(f"sft throughput, {args.shape}", rows)
-    write_result(f"sft_throughput_{args.shape}", rows, vars(args), args.out)
+        write_result(f"sft_throughput_{args.shape}", rows, {**setup, "loss_curves": curves}, args.out)
+
+    ok = [r for r in rows if "tokens_per_s" in r]
+    base = next((r for r in ok if r["variant"] == "plain"), None)
+    for row in ok:
+        row["vs_plain"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2) if base else None
+    # loss curves of variants that see the same batches (same data and batch; plain TRL shuffles alike)
+    def same_batches(row: dict[str, Any]) -> tuple:
+        overrides = VARIANTS[row["variant"]][0]
+        dropout = (overrides or {}).get("lora", {}).get("dropout", LoraParams().dropout)
+        return row["data"], row["batch"], dropout, overrides is None
+
+    for row in ok:
+        ref = next(r for r in ok if same_batches(r) == same_batches(row))
+        a, b = curves[row["variant"]], curves[ref["variant"]]
+        k = min(len(a), len(b))
+        diffs = [abs(x - y) for x, y in zip(a[:k], b[:k], strict=True)]
+        row["loss_vs"] = ref["variant"]
+        row["loss_mean_abs_diff"] = round(sum(diffs) / k, 4) if k else None
+        row["loss_max_abs_diff"] = round(max(diffs), 4) if k else None
+    print_table(f"sft throughput, {args.shape}", [{k: v for k, v in r.items() if k not in ("wall_s",)} for r in rows])
+    write_result(f"sft_throughput_{args.shape}", rows, {**setup, "loss_curves": curves}, args.out)
 
 
 if __name__ == "__main__":
