@@ -14,14 +14,12 @@ SDPA, so results match ``sdpa`` up to bf16 rounding.
 from __future__ import annotations
 
 import inspect
-from functools import cache
 from typing import Any
 
 NAME = "sdpa_varlen"
 
 
-@cache
-def _varlen() -> tuple[Any, dict[str, Any]] | None:
+def _find_varlen() -> tuple[Any, dict[str, Any]] | None:
     """PyTorch's varlen attention and its causal keyword (it changed between releases)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -33,6 +31,10 @@ def _varlen() -> tuple[Any, dict[str, Any]] | None:
     if "window_size" in parameters:
         return varlen_attn, {"window_size": (-1, 0)}
     return None
+
+
+# Looked up once by register(), not inside the attention call that torch.compile traces.
+_VARLEN: tuple[Any, dict[str, Any]] | None = None
 
 
 def attention(
@@ -49,7 +51,7 @@ def attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    varlen = _varlen()
+    varlen = _VARLEN
     packed = (
         varlen is not None
         and cu_seq_lens is not None
@@ -69,7 +71,9 @@ def attention(
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
-    length = int(kwargs["max_length_q"])
+    length = kwargs["max_length_q"]  # kept symbolic under torch.compile (no recompile per length)
+    if isinstance(length, torch.Tensor):
+        length = int(length)
     out = function(q, k, v, cu, cu, length, length, scale=scaling, **causal)
     return out.unsqueeze(0), None  # (1, tokens, heads, head_dim), as the SDPA path returns
 
@@ -79,6 +83,9 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    global _VARLEN
+    if _VARLEN is None:
+        _VARLEN = _find_varlen()
     AttentionInterface.register(NAME, attention)
     # The SDPA path needs SDPA's masks (padding, and block-diagonal for a packed row when
     # varlen attention is not used).
