@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
 # The GPU benchmarks and gpu-marked tests in one go on a CUDA machine where tuneline's
 # Python dependencies are importable. Usage: bench/gpu_run.sh TOKENIZER_DIR DATA_JSONL OUT_DIR [PART]
+#   PART 1 (one GPU): gpu tests, DPO cost, sft throughput/MFU variants
+#   PART 2 (two GPUs): multi-GPU tests, sft/dpo DDP scaling, FSDP of a model over one GPU's memory
+#   PART 3 (one GPU): probe throughput, QLoRA memory (needs bitsandbytes)
+# SFT_BUDGET_S caps the seconds spent on sft variants (the rest are skipped and say so).
 set -uo pipefail
 tok=$1 data=$2 out=$3 part=${4:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-run() { echo "== $*"; "$@" 2>&1 | grep -vE "it/s\]|s/it\]|Warning|warn\(" | tail -40; }
+run() { echo "== $*"; "$@" 2>&1 | grep -vE "it/s\]|s/it\]|Warning|warn\(" | tail -60; }
 if [ "$part" = all ] || [ "$part" = 1 ]; then
   run python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-  run python3 bench/sft_throughput.py --shape qwen2.5-1.5b --tokenizer "$tok" --data "$data" --steps 30 --out "$out"
-  run python3 bench/probe_throughput.py --random-shape qwen2.5-1.5b --tokenizer "$tok" --n 32 --batch 32 --max-new 64 --out "$out"
+  run python3 bench/dpo_cost.py --shape qwen2.5-1.5b --tokenizer "$tok" --data "$data" --n 553 --batch 16 \
+    --lora-dropout 0 --sft-varlen --out "$out"
+  run python3 bench/sft_throughput.py --shape qwen2.5-1.5b --tokenizer "$tok" --data "$data" --steps 30 --check \
+    --budget-s "${SFT_BUDGET_S:-1000000}" --out "$out"
 fi
 if [ "$part" = all ] || [ "$part" = 2 ]; then
-  run python3 bench/dpo_cost.py --shape qwen2.5-0.5b --tokenizer "$tok" --data "$data" --n 256 --batch 16 --out "$out"
+  run python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_multi_gpu.py
+  run python3 bench/multi_gpu.py --shape qwen2.5-1.5b --tokenizer "$tok" --data "$data" --gpus 2 --stages sft,dpo \
+    --fsdp-shape qwen2.5-7b --fsdp-cap-gb 12 --deadline-s "${MULTI_DEADLINE_S:-1000000}" --out "$out"
+fi
+if [ "$part" = all ] || [ "$part" = 3 ]; then
+  run python3 bench/probe_throughput.py --random-shape qwen2.5-1.5b --tokenizer "$tok" --n 64 --batch 64 --max-new 64 --out "$out"
   run python3 bench/qlora_memory.py --shape qwen2.5-7b --tokenizer "$tok" --data "$data" --steps 6 --batch 8 --out "$out"
 fi

@@ -91,10 +91,12 @@ def _write_params(directory: Path, params: Params) -> Path:
     return path
 
 
-def _sft_cli(directory: Path, tiny_model_dir: Path, num_processes: int) -> tuple[dict, subprocess.CompletedProcess]:
+def _sft_cli(
+    directory: Path, tiny_model_dir: Path, num_processes: int, distributed: str = "ddp"
+) -> tuple[dict, subprocess.CompletedProcess]:
     params = tiny_params(
         directory, tiny_model_dir,
-        {"model": {"device": "cuda"}, "compute": {"num_processes": num_processes},
+        {"model": {"device": "cuda"}, "compute": {"num_processes": num_processes, "distributed": distributed},
          "sft": {"warmup_ratio": 0.0, "save_steps": 2}},
     )
     write_clean(params, clean_records(repeat=4))
@@ -126,6 +128,19 @@ def test_sft_on_two_gpus(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert json.loads((ckpt / "finished.json").read_text())["steps"] == two["steps"]
     assert not list(ckpt.glob("checkpoint-*"))
     assert (tmp_path / "two/metrics/sft/loss.tsv").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs")
+def test_sft_fsdp_on_two_gpus(tmp_path: Path, tiny_model_dir: Path) -> None:
+    metrics, done = _sft_cli(tmp_path, tiny_model_dir, 2, "fsdp")
+    assert "--use_fsdp" in done.stderr
+    assert metrics["plan"]["num_processes"] == 2 and metrics["steps"] == metrics["plan"]["optimizer_steps"]
+    assert metrics["max_weight_change"] > 0 and torch.isfinite(torch.tensor(metrics["train_loss"]))
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "models/sft/adapter_model.safetensors"))
+    assert weights and all("lora_" in name for name in weights)
 
 
 @pytest.mark.slow
