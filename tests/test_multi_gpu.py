@@ -139,8 +139,16 @@ def test_sft_fsdp_on_two_gpus(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert metrics["max_weight_change"] > 0 and torch.isfinite(torch.tensor(metrics["train_loss"]))
     from safetensors.torch import load_file
 
+    from tuneline.training import load_for_eval
+
     weights = load_file(str(tmp_path / "models/sft/adapter_model.safetensors"))
-    assert weights and all("lora_" in name for name in weights)
+    assert weights and all("lora_" in name and ".default." not in name for name in weights)
+    assert any(float(w.abs().max()) > 0 for name, w in weights.items() if "lora_B" in name)  # trained (B starts at 0)
+    params = tiny_params(tmp_path, tiny_model_dir, {"model": {"device": "cuda"}})
+    loaded = load_for_eval(params, params.paths.sft_model)  # the saved adapter loads into every LoRA layer
+    state = loaded.model.state_dict()
+    for name, weight in weights.items():
+        assert torch.allclose(state[name.removesuffix(".weight") + ".default.weight"].float().cpu(), weight.float())
 
 
 @pytest.mark.slow

@@ -619,6 +619,31 @@ def base_provenance(params: Params) -> dict[str, Any]:
     return {"path": params.paths.base_model, "content_sha256": base_content_hash(path)}
 
 
+def save_gathered_adapter(out: Path, model: Any, state: Mapping[str, Any], adapter_name: str) -> None:
+    """The adapter out of a state dict gathered from FSDP shards, in peft's file layout.
+
+    peft picks an adapter's weights by the model's module names, which FSDP's wrappers
+    change, and then writes an empty adapter; the gathered keys are the plain names.
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    marker = f".{adapter_name}."
+    weights = {
+        key.replace(marker, "."): value.detach().cpu().contiguous()
+        for key, value in state.items()
+        if "lora_" in key and marker in key
+    }
+    if not weights:
+        raise TunelineError(f"{out}: the gathered state dict holds no weights of adapter {adapter_name!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.peft_config[adapter_name])
+    config.inference_mode = True
+    config.save_pretrained(str(out))
+    save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
 def write_model_dir(
     out: Path,
     *,
@@ -633,8 +658,10 @@ def write_model_dir(
 
     ``state``: the full state dict gathered from FSDP shards (``trained_model``).
     """
-    extra = {"state_dict": dict(state)} if state is not None else {}
-    model.save_pretrained(str(out), safe_serialization=True, selected_adapters=[adapter_name], **extra)
+    if state is not None:
+        save_gathered_adapter(out, model, state, adapter_name)
+    else:
+        model.save_pretrained(str(out), safe_serialization=True, selected_adapters=[adapter_name])
     tokenizer.save_pretrained(str(out))
     check_adapter_dir(out)
     provenance = {**provenance, "adapter_sha256": sha256_file(out / "adapter_model.safetensors"), **stamp()}
