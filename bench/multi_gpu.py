@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--deadline-s", type=float, default=1e9, help="start no run after this many seconds")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args()
     if torch.cuda.device_count() < args.gpus:
         raise SystemExit(f"needs {args.gpus} CUDA GPUs; {torch.cuda.device_count()} visible")
@@ -171,10 +172,10 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="tuneline-multi-gpu-"))
     base = work / "base"
-    count = make_base(args.shape, args.tokenizer, base)
+    stages = args.stages.split(",")
+    count = make_base(args.shape, args.tokenizer, base) if {"sft", "dpo"} & set(stages) else 0
     (work / "data/clean").mkdir(parents=True, exist_ok=True)
     shutil.copy(args.data, work / "data/clean/train.jsonl")
-    stages = args.stages.split(",")
     rows: list[dict[str, Any]] = []
     setup = {**vars(args), "n_params": count, "records": Path(args.data).read_text(encoding="utf-8").count("\n"),
              "lora": f"r=16 alpha=32 dropout={args.lora_dropout} all-linear", "dtype": "bfloat16",
@@ -191,10 +192,10 @@ def main() -> None:
                 r["scaling"] = round(r["steady_tokens_per_s"] / single["steady_tokens_per_s"], 3)
                 r["efficiency"] = round(r["scaling"] / r["gpus"], 3)
             r["scaling_whole_run"] = round(r["tokens_per_s"] / single["tokens_per_s"], 3)
-        write_result(f"multi_gpu_{args.shape}", rows, setup, args.out)
+        write_result(f"multi_gpu_{args.shape}{args.tag}", rows, setup, args.out)
 
     runs = [(1, "ddp"), (args.gpus, "ddp")] + ([(args.gpus, "fsdp")] if args.fsdp else [])
-    for processes, distributed in runs:
+    for processes, distributed in runs if "sft" in stages else []:
         if late(f"sft {processes} {distributed}"):
             continue
         name = f"sft-{processes}-{distributed}"
@@ -249,6 +250,12 @@ def main() -> None:
             if metrics is None:
                 rows.append({**base_row, "wall_s": round(wall, 1), "error": oom_line(err)})
             else:
+                from safetensors.torch import load_file
+
+                adapter = load_file(str(work / name / "models/sft/adapter_model.safetensors"))
+                base_row["adapter_tensors"] = len(adapter)
+                base_row["adapter_lora_b_max"] = max(
+                    (float(t.abs().max()) for k, t in adapter.items() if "lora_B" in k), default=0.0)
                 rows.append({**row("sft", processes, distributed, metrics, wall), **base_row})
             print(json.dumps(rows[-1]), flush=True)
             save()

@@ -46,7 +46,14 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str, int]] = {
     "long-varlen-d0-b8": ({**D0, "padding_free": True}, "sdpa_varlen", "long", 8),
     "long-varlen-d0-compile": ({**D0, "padding_free": True, "trainer": {"torch_compile": True}}, "sdpa_varlen",
                                "long", 8),
+    "varlen-d0-b64-compile": ({**D0, "padding_free": True, "trainer": {"torch_compile": True}}, "sdpa_varlen",
+                              "records", 64),
+    "long-varlen-d0-b16": ({**D0, "padding_free": True}, "sdpa_varlen", "long", 16),
+    "long-varlen-d0-b16-compile": ({**D0, "padding_free": True, "trainer": {"torch_compile": True}},
+                                   "sdpa_varlen", "long", 16),
 }
+DEFAULT = ("plain,padded,padded-d0,varlen-d0,varlen-d0-b64,varlen-d0-compile,long-varlen-d0,long-varlen-d0-b8,"
+           "long-varlen-d0-compile")
 
 
 class StepClock:
@@ -192,7 +199,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--join", type=int, default=8, help="records per example in the longer-sequence variant")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=DEFAULT, help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining variants after this many seconds")
     ap.add_argument("--out", default="bench/results")
@@ -254,7 +262,7 @@ def main() -> None:
         del model
         gc.collect()
         torch.cuda.empty_cache()
-        write_result(f"sft_throughput_{args.shape}", rows, {**setup, "loss_curves": curves}, args.out)
+        write_result(f"sft_throughput_{args.shape}{args.tag}", rows, {**setup, "loss_curves": curves}, args.out)
 
     ok = [r for r in rows if "tokens_per_s" in r]
     base = next((r for r in ok if r["variant"] == "plain"), None)
@@ -275,7 +283,7 @@ def main() -> None:
         row["loss_mean_abs_diff"] = round(sum(diffs) / k, 4) if k else None
         row["loss_max_abs_diff"] = round(max(diffs), 4) if k else None
     print_table(f"sft throughput, {args.shape}", [{k: v for k, v in r.items() if k not in ("wall_s",)} for r in rows])
-    write_result(f"sft_throughput_{args.shape}", rows, {**setup, "loss_curves": curves}, args.out)
+    write_result(f"sft_throughput_{args.shape}{args.tag}", rows, {**setup, "loss_curves": curves}, args.out)
 
 
 if __name__ == "__main__":
