@@ -44,6 +44,12 @@ def test_each_strategy_rejected_fails_chosen_passes(strategy: str) -> None:
             assert verdict["valid"] and not verdict["checks"]["destination"]
         if strategy == "wrong_payload_type":
             assert not verdict["checks"]["payload_type"]
+        if strategy == "repeat_item":
+            # cut mid-loop at twice the envelope's length; the tail is one item over and over
+            assert not parse_lenient(pair["rejected"]).ok
+            assert len(pair["rejected"]) == 2 * len(pair["chosen"])
+            tail = pair["rejected"][len(pair["chosen"]) :]
+            assert len(set(tail.split("},{"))) <= 3 or len(set(tail.split('","'))) <= 3
 
 
 def test_run_counts_strategies_imports_and_is_seeded(tmp_path: Path, tiny_model_dir: Path) -> None:

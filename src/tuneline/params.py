@@ -174,8 +174,8 @@ class SftParams(Section):
 
 class PairsParams(Section):
     strategies: list[
-        Literal["drop_field", "array_root", "truncate", "invalid_json", "off_topic", "wrong_payload_type"]
-    ] = ["drop_field", "array_root", "truncate", "invalid_json", "off_topic", "wrong_payload_type"]
+        Literal["drop_field", "array_root", "truncate", "invalid_json", "off_topic", "wrong_payload_type", "repeat_item"]
+    ] = ["drop_field", "array_root", "truncate", "invalid_json", "off_topic", "wrong_payload_type", "repeat_item"]
     negatives_per_record: PositiveInt = 1
     max_records: PositiveInt | None = None
     on_policy: bool = False

@@ -14,7 +14,9 @@ record's ``meta.expect``) while its chosen passes; a candidate that would pass i
 used. Strategies: drop_field (a required root field removed), array_root (the object
 wrapped in an array), truncate (cut mid-envelope), invalid_json (a syntax error),
 off_topic (another record's envelope that fails this record's task checks),
-wrong_payload_type (an envelope of another payload type, or this one relabelled).
+wrong_payload_type (an envelope of another payload type, or this one relabelled),
+repeat_item (the longest list repeats one of its items until a length limit cuts the text:
+the loop greedy decoding of a small model falls into).
 """
 
 from __future__ import annotations
@@ -130,7 +132,36 @@ def wrong_payload_type(record: dict[str, Any], pool: list[dict[str, Any]], contr
     return contract.canonical_text(obj)
 
 
+def _lists(node: Any) -> list[list[Any]]:
+    """Every list inside a parsed envelope, outermost first."""
+    found: list[list[Any]] = []
+    if isinstance(node, list):
+        found.append(node)
+        for item in node:
+            found.extend(_lists(item))
+    elif isinstance(node, dict):
+        for value in node.values():
+            found.extend(_lists(value))
+    return found
+
+
+def repeat_item(record: dict[str, Any], pool: list[dict[str, Any]], contract: Contract, rng: random.Random) -> str | None:
+    """The longest list keeps repeating one of its items and the text is cut at twice the
+    envelope's length, mid-loop, as a generation limit would cut it."""
+    obj = json.loads(record["completion"])
+    lists = [lst for lst in _lists(obj) if lst]
+    if not lists:
+        return None
+    target = max(lists, key=lambda lst: (len(lst), len(json.dumps(lst))))
+    item = rng.choice(target)
+    limit = 2 * len(record["completion"])
+    repeats = limit // max(len(json.dumps(item, ensure_ascii=False)), 1) + 1
+    target.extend([item] * repeats)
+    return contract.canonical_text(obj)[:limit]
+
+
 STRATEGIES: dict[str, Strategy] = {
+    "repeat_item": repeat_item,
     "drop_field": drop_field,
     "array_root": array_root,
     "truncate": truncate,
