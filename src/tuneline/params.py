@@ -88,7 +88,7 @@ class ComputeParams(Section):
 class LoraParams(Section):
     r: PositiveInt = 16
     alpha: PositiveInt = 32
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # dropout copies every input; short runs do not need it
     target_modules: str | list[str] = "all-linear"
     extra: dict[str, Any] = Field(default_factory=dict)
 
