@@ -11,7 +11,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 run() { echo "== $*"; "$@" 2>&1 | grep -vE "it/s\]|s/it\]|Warning|warn\(" | tail -60; }
 if [ "$part" = all ] || [ "$part" = 1 ]; then
-  run python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+  CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} run python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
   run python3 bench/dpo_cost.py --shape qwen2.5-1.5b --tokenizer "$tok" --data "$data" --n 553 --batch 16 \
     --lora-dropout 0 --sft-varlen --out "$out"
   run python3 bench/sft_throughput.py --shape qwen2.5-1.5b --tokenizer "$tok" --data "$data" --steps 30 --check \

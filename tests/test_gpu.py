@@ -1,6 +1,7 @@
 """CUDA paths: bf16 and nf4 (QLoRA) training steps, DPO on top, probing on the GPU.
 
-Run on a CUDA machine with `pytest -m gpu tests/test_gpu.py` (needs bitsandbytes for nf4).
+Run on a CUDA machine with `pytest -m gpu tests/test_gpu.py` (needs bitsandbytes for nf4; on a
+machine with several GPUs, with `CUDA_VISIBLE_DEVICES=0`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ torch = pytest.importorskip("torch")
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    # The stages run in this process; with several GPUs visible the Trainer would use
+    # nn.DataParallel, which TRL refuses (the CLI pins one GPU, see tuneline.launch).
+    pytest.mark.skipif(
+        torch.cuda.is_available() and torch.cuda.device_count() > 1,
+        reason="single-process training: make one GPU visible (CUDA_VISIBLE_DEVICES=0)",
+    ),
 ]
 
 
