@@ -33,10 +33,11 @@ from common import (
 )
 
 D0 = {"lora": {"dropout": 0.0}}
+D01 = {"lora": {"dropout": 0.1}}  # the plain script's and the earlier GPU profile's LoRA dropout
 # name -> (sft param overrides or None for plain TRL, attention, data variant, batch)
 VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str, int]] = {
     "plain": (None, "sdpa", "records", 8),
-    "padded": ({}, "sdpa", "records", 32),
+    "padded": (D01, "sdpa", "records", 32),
     "padded-d0": (D0, "sdpa", "records", 32),
     "varlen-d0": ({**D0, "padding_free": True}, "sdpa_varlen", "records", 32),
     "varlen-d0-b64": ({**D0, "padding_free": True}, "sdpa_varlen", "records", 64),
@@ -236,7 +237,7 @@ def main() -> None:
         try:
             recs = [dict(r) for r in data[data_name]]
             if overrides is None:
-                lora = lora_config(LoraParams())
+                lora = lora_config(LoraParams(dropout=0.1))
                 result = run_plain_trl(model, tokenizer, recs, args.steps, batch, lora, args.warmup)
             else:
                 result = run_tuneline(model, tokenizer, recs, args.steps, batch, overrides, args.warmup)
@@ -271,7 +272,7 @@ def main() -> None:
     # loss curves of variants that see the same batches (same data and batch; plain TRL shuffles alike)
     def same_batches(row: dict[str, Any]) -> tuple:
         overrides = VARIANTS[row["variant"]][0]
-        dropout = (overrides or {}).get("lora", {}).get("dropout", LoraParams().dropout)
+        dropout = (overrides or D01)["lora"]["dropout"]
         return row["data"], row["batch"], dropout, overrides is None
 
     for row in ok:
