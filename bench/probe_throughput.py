@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-new", type=int, default=96)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="model.dtype for --model (auto: bf16 on CUDA and on CPUs with native bf16)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
@@ -44,7 +46,7 @@ def main() -> None:
                         format="completion", device=device)
         # Random weights rarely emit EOS; both runs then decode max_new tokens per prompt.
     else:
-        loaded = modeling.load(args.model, ModelParams(format="completion"))
+        loaded = modeling.load(args.model, ModelParams(format="completion", dtype=args.dtype))
     suite = load_suite(args.suite)[: args.n]
     prompt_ids = loaded.encode([render(item["instruction"], "completion") for item in suite])
     common = dict(max_new_tokens=args.max_new, do_sample=False, temperature=1.0, top_p=1.0)
@@ -61,8 +63,8 @@ def main() -> None:
     rows[0]["speedup"] = 1.0
     same = sum(a == b for a, b in zip(*outputs.values(), strict=True))
     print_table(f"probe throughput on {loaded.device}", rows)
-    print(f"identical outputs, batched vs one at a time: {same}/{len(suite)}")
-    name = f"probe_throughput_{loaded.device}"
+    print(f"identical outputs, batched vs one at a time: {same}/{len(suite)} ({loaded.provenance.get('dtype')})")
+    name = f"probe_throughput_{loaded.device}" + ("" if args.dtype == "auto" else f"_{args.dtype}")
     write_result(name, rows, {**vars(args), "identical_outputs": same}, args.out)
 
 
