@@ -20,6 +20,7 @@ from typer.exceptions import TyperException
 from tuneline import archive, launch, verify
 from tuneline.errors import TunelineError
 from tuneline.params import Params, check_runtime, load_params
+from tuneline.records import staged_outputs
 
 app = typer.Typer(help="Reproducible LLM post-training pipeline driven by DVC.", no_args_is_help=True)
 params_app = typer.Typer(help="Inspect and validate params.yaml.", no_args_is_help=True)
@@ -34,8 +35,14 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 
 def main() -> None:
+    """Run the CLI; every non-success leaves with a non-zero code (130 for an interrupt).
+
+    With ``standalone_mode=False`` typer/click *return* the code of ``typer.Exit`` (and
+    turn ``KeyboardInterrupt`` into ``Exit(130)``) instead of leaving the process, so the
+    return value is the exit code when it is an int.
+    """
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except TunelineError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
         launch.record_exit(exc.exit_code)
@@ -52,6 +59,11 @@ def main() -> None:
         else:
             show()
         sys.exit(2)
+    if isinstance(code, int) and code != 0:
+        if code == 130:
+            err.print("aborted")
+        launch.record_exit(code)
+        sys.exit(code)
 
 
 def stage_params(path: Path) -> Params:
@@ -77,8 +89,8 @@ def run_stage(name: str, params_path: Path, **kwargs: Any) -> dict[str, Any] | N
             raise typer.Exit(code)
         return None
     module = importlib.import_module(f"tuneline.stages.{name}")
-    metrics = module.run(params, **kwargs)
-    return metrics
+    with staged_outputs():  # all of the stage's outputs swapped in together, or none
+        return module.run(params, **kwargs)
 
 
 def _stage_command(name: str, doc: str) -> Callable[..., None]:

@@ -17,12 +17,21 @@ Writes go to a temporary file in the destination directory and are moved into pl
 ``os.replace``, so a killed process never leaves a half-written file under the final name.
 A temporary left behind by a killed writer is removed by the next write of the same path.
 A failed write (disk full, file-size limit, permissions) raises ``TunelineError`` naming
-the path, and the previous file is left as it was.
+the path, and the previous file is left as it was. A written file or directory gets the
+permissions of the one it replaces, or the umask's default for a new one.
+
+Inside ``staged_outputs()`` (the CLI runs every stage in one) the moves into place are
+deferred: every output the stage writes is staged beside its final name and all of them
+are swapped in together when the stage returns, or all discarded when it fails, so a
+failing stage leaves every previous output as it was. ``commit_staged()`` swaps in what
+is staged so far (a training stage calls it before its other processes read the
+outputs); ``write_now=True`` on a write bypasses staging (checkpoints, exit codes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import glob
 import json
 import os
@@ -186,30 +195,159 @@ def dumps_line(record: Mapping[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
+class _Staged:
+    """Outputs written inside ``staged_outputs()``, waiting to be swapped in together."""
+
+    def __init__(self) -> None:
+        self.moves: list[tuple[Path, Path]] = []  # (staged temp, final path), in write order
+
+    def add(self, tmp: Path, path: Path) -> None:
+        for i, (old_tmp, old_path) in enumerate(self.moves):
+            if old_path == path:  # written twice: the later version wins
+                _remove_path(old_tmp)
+                del self.moves[i]
+                break
+        self.moves.append((tmp, path))
+
+    def discard(self) -> None:
+        for tmp, _ in self.moves:
+            _remove_path(tmp)
+        self.moves.clear()
+
+    def commit(self) -> None:
+        """Swap every staged output in; if a move fails, the ones already moved are put
+        back as they were and every staged temp is removed."""
+        done: list[tuple[Path, Path | None]] = []  # (final path, backup of what it replaced)
+        try:
+            for tmp, path in self.moves:
+                backup = None
+                if path.exists() or path.is_symlink():
+                    backup = path.with_name(f".{path.name}.old")
+                    _remove_path(backup)
+                    if path.is_dir() and not path.is_symlink():
+                        os.replace(path, backup)  # a directory cannot be replaced in one step
+                    else:
+                        os.link(path, backup, follow_symlinks=False)  # the final name stays
+                try:
+                    os.replace(tmp, path)
+                except OSError:
+                    if backup is not None:
+                        os.replace(backup, path)
+                    raise
+                done.append((path, backup))
+        except BaseException as exc:  # an interrupt mid-way too: all or nothing
+            failed = path
+            for path, backup in reversed(done):
+                _remove_path(path)
+                if backup is not None:
+                    os.replace(backup, path)
+            self.discard()
+            if isinstance(exc, OSError):
+                raise _write_error(failed, exc) from exc
+            raise
+        for _, backup in done:
+            if backup is not None:
+                _remove_path(backup)
+        self.moves.clear()
+
+
+_STAGED: contextvars.ContextVar[_Staged | None] = contextvars.ContextVar("tuneline_staged", default=None)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it replaces ``path`` atomically.
+def staged_outputs() -> Iterator[None]:
+    """Defer every atomic write in the body; swap them all in on success, drop them all
+    on an exception (``KeyboardInterrupt`` included)."""
+    staged = _Staged()
+    token = _STAGED.set(staged)
+    try:
+        yield
+    except BaseException:
+        staged.discard()
+        raise
+    else:
+        staged.commit()
+    finally:
+        _STAGED.reset(token)
+
+
+def commit_staged() -> None:
+    """Swap in the outputs staged so far (nothing outside ``staged_outputs()``)."""
+    staged = _STAGED.get()
+    if staged is not None:
+        staged.commit()
+
+
+def written(path: str | Path) -> Path:
+    """Where the newest version of ``path`` is: its staged temp when this stage wrote it
+    inside ``staged_outputs()`` (a stage hashing its own output), else ``path``."""
+    path = Path(path)
+    staged = _STAGED.get()
+    for tmp, final in reversed(staged.moves if staged is not None else []):
+        if final == path:
+            return tmp
+    return path
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path, directory: bool) -> int:
+    """The permissions a written ``path`` gets: those of what it replaces, else the
+    umask's default (``mkstemp``/``mkdtemp`` create 0600/0700)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _place(tmp: Path, path: Path, write_now: bool) -> None:
+    staged = None if write_now else _STAGED.get()
+    if staged is not None:
+        staged.add(tmp, path)
+    else:
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, write_now: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it replaces ``path`` atomically
+    (inside ``staged_outputs()``, when the stage's outputs are committed).
 
     If the body raises, the temp file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            if stale.is_file():
+        old = path.with_name(f".{path.name}.old")
+        for stale in [*path.parent.glob(f".{glob.escape(path.name)}.*.tmp"), old]:
+            if stale.is_file() or stale.is_symlink():
                 stale.unlink()  # left by a writer that was killed
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as exc:
         raise _write_error(path, exc) from exc
     tmp = Path(tmp_name)
+    placed = False
     try:
         yield tmp
-        os.replace(tmp, path)
+        os.chmod(tmp, _mode_for(path, directory=False))
+        _place(tmp, path, write_now)
+        placed = True
     except OSError as exc:
         raise _write_error(path, exc) from exc
     finally:
-        if tmp.exists():
+        if not placed and tmp.exists():
             tmp.unlink()
 
 
@@ -219,9 +357,9 @@ def _write_error(path: Path, exc: OSError) -> TunelineError:
     return TunelineError(f"{path}: could not write{where}: {reason}; the previous version, if any, is unchanged")
 
 
-def write_text(path: str | Path, text: str) -> Path:
+def write_text(path: str | Path, text: str, *, write_now: bool = False) -> Path:
     """Atomically write UTF-8 text with LF line ends."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, write_now=write_now) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
             handle.flush()
@@ -229,10 +367,10 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> int:
+def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]], *, write_now: bool = False) -> int:
     """Atomically write records as JSONL; returns the number written."""
     count = 0
-    with atomic_path(path) as tmp:
+    with atomic_path(path, write_now=write_now) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
             for record in records:
                 handle.write(dumps_line(record))
@@ -243,14 +381,16 @@ def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> int:
     return count
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
+def write_json(path: str | Path, obj: Any, *, write_now: bool = False) -> Path:
     """Atomically write pretty, key-sorted JSON (stable diffs for metrics)."""
-    return write_text(path, json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=2, sort_keys=True) + "\n"
+    return write_text(path, text, write_now=write_now)
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temp directory beside ``path``; on success it replaces ``path``.
+def atomic_dir(path: str | Path, *, write_now: bool = False) -> Iterator[Path]:
+    """Yield a temp directory beside ``path``; on success it replaces ``path`` (inside
+    ``staged_outputs()``, when the stage's outputs are committed).
 
     The old directory (if any) is removed only after the new one is complete, so a killed
     process leaves either the previous directory or nothing under the final name.
@@ -265,18 +405,23 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as exc:
         raise _write_error(path, exc) from exc
+    placed = False
     try:
         yield tmp
-        if path.exists():
+        os.chmod(tmp, _mode_for(path, directory=True))
+        if not write_now and _STAGED.get() is not None:
+            _place(tmp, path, write_now)
+        elif path.exists():
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
+        placed = True
     except OSError as exc:
         if old.is_dir() and not path.exists():
             os.replace(old, path)
         raise _write_error(path, exc) from exc
     finally:
-        if tmp.exists():
+        if not placed and tmp.exists():
             shutil.rmtree(tmp)

@@ -33,7 +33,7 @@ from tuneline.errors import InputError
 from tuneline.params import Params
 from tuneline.prompting import render
 from tuneline.provenance import sha256_path, stamp
-from tuneline.records import read_jsonl, write_json, write_jsonl
+from tuneline.records import read_jsonl, write_json, write_jsonl, written
 
 RECORD_FIELDS = {"prompt": (str, list), "completion": str, "meta": dict}
 PREFERENCE_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
@@ -332,7 +332,7 @@ def run(params: Params) -> dict[str, Any]:
         "source_records": len(records),
         "per_strategy": dict(sorted(counts.items())),
         "skipped_per_strategy": dict(sorted(skipped.items())),
-        "data_sha256": sha256_path(out),
+        "data_sha256": sha256_path(written(out)),
         "provenance": stamp(seed=params.seed),
     }
     write_json(Path(params.paths.metrics) / "pairs.json", metrics)
