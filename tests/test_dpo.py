@@ -10,9 +10,9 @@ import torch
 from datasets import Dataset
 
 from training_data import tiny_params, write_clean
+from tuneline.modeling import load_for_eval, load_for_training
 from tuneline.params import Params
 from tuneline.stages import dpo, pairs, sft
-from tuneline.modeling import load_for_eval, load_for_training
 
 
 @pytest.fixture(scope="module")
