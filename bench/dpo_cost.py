@@ -46,8 +46,9 @@ def main() -> None:
     for i, p in enumerate(pairs, 1):
         p["_line"] = i
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    common = {"per_device_batch_size": args.batch, "gradient_accumulation_steps": 1, "num_epochs": 1,
-              "warmup_ratio": 0.0, "min_optimizer_steps": 0, "lora": {"dropout": args.lora_dropout}}
+    common = {"min_optimizer_steps": 0, "lora": {"dropout": args.lora_dropout}, "trainer": {
+        "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1, "num_train_epochs": 1,
+        "warmup_steps": 0.0}}
     rows = []
 
     def fresh(attn: str = "sdpa") -> Loaded:

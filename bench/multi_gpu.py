@@ -74,21 +74,23 @@ def params_for(work: Path, base: Path, name: str, args: argparse.Namespace, proc
         "checkpoints": str(run / "models/checkpoints"),
         "metrics": str(run / "metrics"),
     }
-    trainer = {"save_strategy": "no", **({"ddp_broadcast_buffers": False} if distributed == "ddp" else {})}
-    common = {"min_optimizer_steps": 0, "logging_steps": 10, "warmup_ratio": 0.05, "trainer": trainer,
-              "lora": {"dropout": args.lora_dropout}}
-    sft = {**common, "per_device_batch_size": args.batch, "max_seq_len": 1024, "num_epochs": args.epochs,
-           "eval_each_epoch": False, "max_records": None, "padding_free": args.attn == "sdpa_varlen"}
+    trainer = {"save_strategy": "no", "logging_steps": 10, "warmup_steps": 0.05,
+               **({"ddp_broadcast_buffers": False} if distributed == "ddp" else {})}
+    common = {"min_optimizer_steps": 0, "lora": {"dropout": args.lora_dropout}}
+    sft = {**common, "max_seq_len": 1024, "eval_each_epoch": False, "max_records": None,
+           "padding_free": args.attn == "sdpa_varlen",
+           "trainer": {**trainer, "per_device_train_batch_size": args.batch, "num_train_epochs": args.epochs}}
     if big:
-        sft.update(per_device_batch_size=args.fsdp_batch, num_epochs=1.0, max_records=args.fsdp_records,
-                   gradient_checkpointing=True)
+        sft.update(max_records=args.fsdp_records)
+        sft["trainer"].update(per_device_train_batch_size=args.fsdp_batch, num_train_epochs=1.0,
+                              gradient_checkpointing=True)
     data = {
         "paths": paths,
         "model": {"device": "cuda", "format": "completion", "attn_implementation": args.attn},
         "compute": {"num_processes": processes, "distributed": distributed},
         "sft": sft,
-        "dpo": {**common, "per_device_batch_size": args.dpo_batch, "max_length": 1024,
-                "num_epochs": args.dpo_epochs, "max_pairs": None},
+        "dpo": {**common, "max_length": 1024, "max_pairs": None, "trainer": {
+            **trainer, "per_device_train_batch_size": args.dpo_batch, "num_train_epochs": args.dpo_epochs}},
     }
     run.mkdir(parents=True, exist_ok=True)
     path = run / "params.yaml"

@@ -25,8 +25,9 @@ def train_steps(model_dir: Path, quantization: str, records: list[dict], steps: 
     params = parse_params({
         "paths": {"base_model": str(model_dir)},
         "model": {"quantization": quantization},
-        "sft": {"per_device_batch_size": batch, "gradient_checkpointing": True, "eval_each_epoch": False,
-                "trainer": {"max_steps": steps, "save_strategy": "no"}},
+        "sft": {"eval_each_epoch": False, "trainer": {
+            "per_device_train_batch_size": batch, "gradient_checkpointing": True, "max_steps": steps,
+            "save_strategy": "no"}},
     })
     torch.cuda.reset_peak_memory_stats()
     loaded = load_for_training(params, gradient_checkpointing=True)

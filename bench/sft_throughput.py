@@ -136,10 +136,10 @@ def run_tuneline(model: Any, tokenizer: Any, records: list[dict[str, Any]], step
     from tuneline.params import parse_params
     from tuneline.stages.sft import build_trainer
 
-    trainer_over = {"max_steps": steps, "save_strategy": "no", **overrides.get("trainer", {})}
+    trainer_over = {"max_steps": steps, "save_strategy": "no", "per_device_train_batch_size": batch,
+                    "logging_steps": 1, **overrides.get("trainer", {})}
     params = parse_params({"model": {"format": "completion"}, "sft": {
-        **overrides, "per_device_batch_size": batch, "max_seq_len": 4096, "eval_each_epoch": False,
-        "logging_steps": 1, "trainer": trainer_over}})
+        **overrides, "max_seq_len": 4096, "eval_each_epoch": False, "trainer": trainer_over}})
     loaded = Loaded(model=model, tokenizer=tokenizer, provenance={"model": "random"}, format="completion",
                     device="cuda")
     rows = tuneline_rows(tokenizer, model, records)

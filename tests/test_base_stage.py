@@ -9,10 +9,14 @@ from tuneline.stages import base
 
 
 def test_base_from_local_dir(tiny_model_dir, tmp_path):
-    params = parse_params({"base": {"source": str(tiny_model_dir)}, "paths": {"base_model": str(tmp_path / "m")}})
+    paths = {"base_model": str(tmp_path / "m"), "reports": str(tmp_path / "reports")}
+    params = parse_params({"base": {"source": str(tiny_model_dir)}, "paths": paths})
     metrics = base.run(params)
     prov = json.loads((tmp_path / "m" / "provenance.json").read_text())
     assert prov["kind"] == "local" and prov["content_sha256"] == metrics["content_sha256"]
+    # the model dir is content only; the source path and the commit are in the sidecar
+    run = json.loads((tmp_path / "reports/provenance/base.json").read_text())
+    assert "git" not in prov and prov["source"] is None and run["source"] == str(tiny_model_dir) and "git" in run
     assert "model.safetensors" in prov["files"]
     loaded = modeling.load(tmp_path / "m")
     assert loaded.provenance["content_sha256"] == metrics["content_sha256"]
@@ -29,7 +33,7 @@ def test_base_offline_hub_id_is_a_clear_error(tmp_path):
 def test_base_from_embedded_gguf_answers_an_easy_question(tmp_path):
     import torch
 
-    params = parse_params({"paths": {"base_model": str(tmp_path / "m")}})
+    params = parse_params({"paths": {"base_model": str(tmp_path / "m"), "reports": str(tmp_path / "reports")}})
     base.run(params)
     loaded = modeling.load(tmp_path / "m", parse_params({"model": {"format": "chat"}}).model)
     ids = torch.tensor([loaded.render_ids("What is the capital of France? Answer with one word.")])

@@ -10,16 +10,16 @@ import torch
 from datasets import Dataset
 
 from training_data import tiny_params, write_clean
+from tuneline.modeling import load_for_eval, load_for_training
 from tuneline.params import Params
 from tuneline.stages import dpo, pairs, sft
-from tuneline.training import load_for_eval, load_for_training
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Params:
     """A tiny SFT adapter (large lr so it clearly differs from the base) and its pairs."""
     root = tmp_path_factory.mktemp("dpo")
-    params = tiny_params(root, tiny_model_dir, {"sft": {"learning_rate": 5e-3, "num_epochs": 2}, "dpo": {"max_pairs": 6}})
+    params = tiny_params(root, tiny_model_dir, {"sft": {"trainer": {"learning_rate": 5e-3, "num_train_epochs": 2}}, "dpo": {"max_pairs": 6}})
     write_clean(params)
     sft.run(params)
     pairs.run(params)

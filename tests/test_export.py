@@ -12,16 +12,15 @@ import torch
 from training_data import tiny_params, write_clean
 from tuneline.errors import InputError
 from tuneline.export import export
-from tuneline.modeling import load
+from tuneline.modeling import load, load_for_eval
 from tuneline.stages import dpo, pairs, sft
-from tuneline.training import load_for_eval
 
 
 def test_export_dpo_stack_reloads_and_generates(tmp_path: Path, tiny_model_dir: Path) -> None:
     # float32: merged and stacked logits agree to 1e-4 (bf16 rounding would swamp that).
     params = tiny_params(
         tmp_path, tiny_model_dir,
-        {"model": {"dtype": "float32"}, "sft": {"learning_rate": 5e-3}, "dpo": {"max_pairs": 4}},
+        {"model": {"dtype": "float32"}, "sft": {"trainer": {"learning_rate": 5e-3}}, "dpo": {"max_pairs": 4}},
     )
     write_clean(params)
     sft.run(params)

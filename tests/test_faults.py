@@ -34,7 +34,7 @@ TOKEN = "hf_" + "tuneline" + "SecretMarker" + str(sum(range(10**4)))
 # 8 records, batch 2: four optimizer steps, a complete checkpoint after each.
 OVERRIDES = _merge(
     TINY_OVERRIDES,
-    {"sft": {"max_records": 8, "per_device_batch_size": 2, "save_steps": 1, "eval_each_epoch": False}},
+    {"sft": {"max_records": 8, "eval_each_epoch": False, "trainer": {"per_device_train_batch_size": 2, "save_steps": 1}}},
 )
 
 
@@ -145,7 +145,7 @@ def test_concurrent_repro_fails_fast_on_the_lock_and_corrupts_nothing(killed_the
 def test_non_finite_loss_under_dvc_records_nothing(prepared: Path, tmp_path: Path) -> None:
     project = _copy(prepared, tmp_path / "nan")
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["sft"].update(learning_rate=1e38, max_grad_norm=1e38)
+    params["sft"]["trainer"].update(learning_rate=1e38, max_grad_norm=1e38)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc = _dvc(project, "repro", "sft", ok=False)
     assert proc.returncode != 0

@@ -35,7 +35,7 @@ def test_sft_step_on_cuda(tmp_path: Path, tiny_model_dir: Path, quantization: st
     params = tiny_params(
         tmp_path, tiny_model_dir,
         {"model": {"device": "cuda", "quantization": quantization},
-         "sft": {"gradient_checkpointing": quantization == "nf4", "warmup_ratio": 0.0}},
+         "sft": {"trainer": {"gradient_checkpointing": quantization == "nf4", "warmup_steps": 0.0}}},
     )
     write_clean(params)
     metrics = sft.run(params)
@@ -46,12 +46,12 @@ def test_sft_step_on_cuda(tmp_path: Path, tiny_model_dir: Path, quantization: st
 
 
 def test_dpo_and_probe_on_cuda(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuneline.modeling import load_for_eval
     from tuneline.stages import dpo, pairs, sft
-    from tuneline.training import load_for_eval
 
     monkeypatch.chdir(tmp_path)
-    params = tiny_params(tmp_path, tiny_model_dir, {"model": {"device": "cuda"}, "sft": {"warmup_ratio": 0.0},
-                                                   "dpo": {"warmup_ratio": 0.0}})
+    params = tiny_params(tmp_path, tiny_model_dir, {"model": {"device": "cuda"}, "sft": {"trainer": {"warmup_steps": 0.0}},
+                                                   "dpo": {"trainer": {"warmup_steps": 0.0}}})
     write_clean(params)
     sft.run(params)
     pairs.run(params)
@@ -100,7 +100,7 @@ def test_sft_padding_free_varlen_on_cuda(tmp_path: Path, tiny_model_dir: Path) -
     params = tiny_params(
         tmp_path, tiny_model_dir,
         {"model": {"device": "cuda", "attn_implementation": "sdpa_varlen"},
-         "sft": {"padding_free": True, "warmup_ratio": 0.0, "lora": {"dropout": 0.0}}},
+         "sft": {"padding_free": True, "trainer": {"warmup_steps": 0.0}, "lora": {"dropout": 0.0}}},
     )
     write_clean(params)
     metrics = sft.run(params)

@@ -78,3 +78,37 @@ def test_adapters_switch_without_reloading_base(tiny_model_dir, tmp_path):
     assert not torch.allclose(plain, adapted)
     assert torch.allclose(plain, disabled)
     assert set(loaded.provenance["adapters"]) == {"sft"}
+
+
+def test_one_dtype_rule_for_loader_doctor_and_export(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    spec = ModelParams()
+    expected = modeling.resolve_dtype(spec, "cpu")
+    assert expected == (torch.bfloat16 if modeling.cpu_has_bf16() else torch.float32)
+    assert modeling.load(tiny_model_dir, ModelParams(device="cpu")).provenance["dtype"] == modeling.dtype_name(expected)
+    assert modeling.resolve_dtype(ModelParams(quantization="nf4"), "cuda") == torch.bfloat16
+    # doctor says what the run uses, and does not import the stages
+    (tmp_path / "params.yaml").write_text("model:\n  device: cpu\n")
+    code = (
+        "import sys; from pathlib import Path; from rich.console import Console; from tuneline.doctor import report; "
+        "report(Path('params.yaml'), Console(width=400)); print('stages' in str(sorted(sys.modules)))"
+    )
+    src = str(Path(modeling.__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": "", "PYTHONPATH": src, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"cpu, {modeling.dtype_name(expected)}, quantization none" in proc.stdout
+    assert proc.stdout.strip().endswith("False")
+
+
+def test_embedded_base_is_named_by_the_library():
+    from tuneline.stages import base
+
+    assert base.EMBEDDED is modeling.EMBEDDED and base.embedded_gguf is modeling.embedded_gguf
+    with pytest.raises(KeyError):
+        modeling.embedded_gguf("no-such-model")

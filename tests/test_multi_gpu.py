@@ -97,7 +97,7 @@ def _sft_cli(
     params = tiny_params(
         directory, tiny_model_dir,
         {"model": {"device": "cuda"}, "compute": {"num_processes": num_processes, "distributed": distributed},
-         "sft": {"warmup_ratio": 0.0, "save_steps": 2}},
+         "sft": {"trainer": {"warmup_steps": 0.0, "save_steps": 2}}},
     )
     write_clean(params, clean_records(repeat=4))
     path = _write_params(directory, params)
@@ -139,7 +139,7 @@ def test_sft_fsdp_on_two_gpus(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert metrics["max_weight_change"] > 0 and torch.isfinite(torch.tensor(metrics["train_loss"]))
     from safetensors.torch import load_file
 
-    from tuneline.training import load_for_eval
+    from tuneline.modeling import load_for_eval
 
     weights = load_file(str(tmp_path / "models/sft/adapter_model.safetensors"))
     assert weights and all("lora_" in name and ".default." not in name for name in weights)
@@ -156,8 +156,8 @@ def test_sft_and_dpo_in_two_cpu_processes(tmp_path: Path, tiny_model_dir: Path) 
     """The rank guards without GPUs: two gloo workers started the way accelerate starts them."""
     params = tiny_params(
         tmp_path, tiny_model_dir,
-        {"compute": {"num_processes": 2}, "sft": {"warmup_ratio": 0.0, "save_steps": 2},
-         "dpo": {"warmup_ratio": 0.0, "save_steps": 2}},
+        {"compute": {"num_processes": 2}, "sft": {"trainer": {"warmup_steps": 0.0, "save_steps": 2}},
+         "dpo": {"trainer": {"warmup_steps": 0.0, "save_steps": 2}}},
     )
     write_clean(params, clean_records(repeat=4))
     path = _write_params(tmp_path, params)

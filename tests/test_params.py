@@ -19,7 +19,7 @@ def test_every_problem_reported_at_once():
     with pytest.raises(ParamsError) as info:
         parse_params(
             {
-                "sft": {"lora": {"r": -4}, "learning_rte": 1e-4, "num_epochs": "many"},
+                "sft": {"lora": {"r": -4}, "learning_rte": 1e-4, "max_seq_len": "many"},
                 "model": {"dtype": "float8"},
             },
             "params.yaml",
@@ -27,8 +27,8 @@ def test_every_problem_reported_at_once():
     text = str(info.value)
     assert len(info.value.problems) == 4, text
     assert "sft.lora.r: -4 is not a positive integer" in text
-    assert "sft.learning_rte: unknown key (allowed:" in text and "learning_rate" in text
-    assert "sft.num_epochs: 'many'" in text
+    assert "sft.learning_rte: unknown key (allowed:" in text and "max_seq_len" in text
+    assert "sft.max_seq_len: 'many'" in text
     assert "model.dtype: 'float8'" in text and "'float32'" in text
     assert info.value.exit_code == 2
 
@@ -77,3 +77,39 @@ def test_cli_usage_error_is_exit_2(tmp_path):
     proc = subprocess.run(["tuneline", "probe"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert "Missing" in proc.stderr and "model" in proc.stderr.lower()
+
+
+def test_code_defaults_are_the_committed_params():
+    # One source of defaults: an empty params file is the documented default run.
+    assert parse_params({}) == load_params(REPO / "params.yaml")
+    assert parse_params({}).sft.trainer["learning_rate"] == 0.002 and parse_params({}).probe.batch_size == 30
+
+
+def test_trainer_settings_lay_over_the_defaults_and_are_checked():
+    params = parse_params({"sft": {"trainer": {"learning_rate": 1e-3, "torch_compile": True}}})
+    assert params.sft.trainer["learning_rate"] == 1e-3 and params.sft.trainer["torch_compile"] is True
+    assert params.sft.trainer["per_device_train_batch_size"] == 2  # the default kept
+    with pytest.raises(ParamsError) as info:
+        parse_params({
+            "sft": {"learning_rate": 1e-3, "trainer": {"per_device_train_batch_size": 0}},
+            "dpo": {"trainer": {"learning_rate": "fast", "num_train_epochs": True}},
+        })
+    assert sorted(info.value.problems) == [
+        "dpo.trainer.learning_rate: 'fast' is not a number",
+        "dpo.trainer.num_train_epochs: True is not a number",
+        "sft.learning_rate: moved to sft.trainer.learning_rate (TRL's name for it)",
+        "sft.trainer.per_device_train_batch_size: 0 must be > 0",
+    ]
+
+
+def test_params_check_imports_no_torch_or_trl():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from tuneline.params import load_params; load_params(sys.argv[1]); "
+        "print(sorted(m for m in ('torch', 'trl', 'transformers') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "params.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

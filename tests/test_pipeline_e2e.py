@@ -19,13 +19,15 @@ TINY_OVERRIDES = {
     "generate": {"sources": {"template": {"max_records": 48}}},
     "clean": {"min_kept": 10, "max_rejected_fraction": 0.9},
     "sft": {
-        "max_seq_len": 2048, "num_epochs": 1, "max_records": 12, "per_device_batch_size": 4,
-        "min_optimizer_steps": 0, "logging_steps": 1, "save_steps": 2, "lora": {"r": 4, "alpha": 8},
+        "max_seq_len": 2048, "max_records": 12, "min_optimizer_steps": 0, "lora": {"r": 4, "alpha": 8},
+        "trainer": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 2},
     },
     "pairs": {"max_records": 8},
     "dpo": {
-        "max_length": 2048, "max_pairs": 8, "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
-        "min_optimizer_steps": 0, "logging_steps": 1, "save_steps": 2, "lora": {"r": 4, "alpha": 8},
+        "max_length": 2048, "max_pairs": 8, "min_optimizer_steps": 0, "lora": {"r": 4, "alpha": 8},
+        "trainer": {
+            "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "logging_steps": 1, "save_steps": 2,
+        },
     },
     "probe": {"limit": 5, "max_new_tokens": 8, "batch_size": 5},
 }

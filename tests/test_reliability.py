@@ -175,7 +175,8 @@ def test_disk_full_while_writing_data_names_the_path_and_keeps_old_outputs(proje
 
 def test_disk_full_while_saving_a_checkpoint_names_the_directory_and_keeps_old_outputs(project: Path) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["sft"].update(max_records=4, per_device_batch_size=2, save_steps=1, eval_each_epoch=False)
+    params["sft"].update(max_records=4, eval_each_epoch=False)
+    params["sft"]["trainer"].update(per_device_train_batch_size=2, save_steps=1)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     previous = project / "models/sft"
     previous.mkdir(parents=True)
@@ -229,7 +230,7 @@ def test_bad_params_list_every_error_and_exit_2_before_any_model_loads(project: 
     shutil.copy(project / "params.yaml", project.parent / "params.yaml.orig")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["sft"]["learning_rte"] = 1e-4  # unknown key
-    params["sft"]["num_epochs"] = "many"  # wrong type
+    params["sft"]["max_seq_len"] = "many"  # wrong type
     params["sft"]["lora"]["r"] = 0  # out of range
     params["model"]["quantization"] = "nf4"  # inconsistent with device cpu
     params["model"]["device"] = "cpu"
@@ -238,7 +239,7 @@ def test_bad_params_list_every_error_and_exit_2_before_any_model_loads(project: 
     assert proc.returncode == 2, proc.stderr[-3000:]
     text = " ".join(proc.stderr.split())
     assert "5 invalid param(s)" in text
-    for fragment in ["sft.learning_rte: unknown key", "sft.num_epochs: 'many'", "sft.lora.r: 0", "nf4"]:
+    for fragment in ["sft.learning_rte: unknown key", "sft.max_seq_len: 'many'", "sft.lora.r: 0", "nf4"]:
         assert fragment in text, fragment
     assert "Traceback" not in proc.stderr and "Loading weights" not in proc.stderr + proc.stdout
     assert not (project / "models/sft").exists() and not (project / "metrics/sft.json").exists()

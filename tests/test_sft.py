@@ -14,7 +14,7 @@ from tuneline.errors import InputError, TunelineError
 from tuneline.modeling import load
 from tuneline.records import write_json
 from tuneline.stages import sft
-from tuneline.training import MARKER, GuardCallback, _manifest, resume_checkpoint
+from tuneline.training import MARKER, GuardCallback, loop, manifest, resume_checkpoint
 
 
 def test_prompt_masked_terminator_in_loss(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -48,7 +48,9 @@ def test_sft_run_outputs(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["stack"] == [params.paths.sft_model] and prov["parent"] is None
-    assert prov["base"]["content_sha256"] and prov["data"] and prov["git"] and prov["versions"]["trl"]
+    assert prov["base"]["content_sha256"] and prov["data"] and "git" not in prov and "versions" not in prov
+    run = json.loads((tmp_path / "reports/provenance/sft.json").read_text())
+    assert run["git"] and run["versions"]["trl"] and run["adapter_sha256"] == prov["adapter_sha256"]
     assert "## Plan" in (out / "README.md").read_text()
     written = json.loads((tmp_path / "metrics/sft.json").read_text())
     assert written["plan"]["optimizer_steps"] == metrics["steps"] == 2
@@ -75,7 +77,7 @@ def test_plan_warns_then_fails_when_strict(tmp_path: Path, tiny_model_dir: Path)
 
 
 def test_non_finite_loss_stops_without_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:
-    params = tiny_params(tmp_path, tiny_model_dir, {"sft": {"learning_rate": 1e38, "max_grad_norm": 1e38}})
+    params = tiny_params(tmp_path, tiny_model_dir, {"sft": {"trainer": {"learning_rate": 1e38, "max_grad_norm": 1e38}}})
     write_clean(params)
     with pytest.raises(TunelineError, match=r"at step \d+; training stopped|at step \d+ made weight"):
         sft.run(params)
@@ -83,7 +85,7 @@ def test_non_finite_loss_stops_without_adapter(tmp_path: Path, tiny_model_dir: P
 
 
 def test_zero_learning_rate_fails(tmp_path: Path, tiny_model_dir: Path) -> None:
-    params = tiny_params(tmp_path, tiny_model_dir, {"sft": {"learning_rate": 0.0}})
+    params = tiny_params(tmp_path, tiny_model_dir, {"sft": {"trainer": {"learning_rate": 0.0}}})
     write_clean(params)
     with pytest.raises(TunelineError, match="identical to their initial values"):
         sft.run(params)
@@ -96,7 +98,7 @@ class Interrupt(Exception):
 
 def test_resume_matches_uninterrupted(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # 8 records, batch 2: 4 steps per epoch, 2 epochs; checkpoints every 3 steps.
-    overrides = {"sft": {"num_epochs": 2, "per_device_batch_size": 2, "save_steps": 3}}
+    overrides = {"sft": {"trainer": {"num_train_epochs": 2, "per_device_train_batch_size": 2, "save_steps": 3}}}
     straight = tiny_params(tmp_path / "a", tiny_model_dir, overrides)
     write_clean(straight)
     sft.run(straight)
@@ -109,7 +111,7 @@ def test_resume_matches_uninterrupted(tmp_path: Path, tiny_model_dir: Path, monk
             if state.global_step == 5:
                 raise Interrupt("killed")
 
-    monkeypatch.setattr(sft, "GuardCallback", KilledAtStep5)
+    monkeypatch.setattr(loop, "GuardCallback", KilledAtStep5)
     with pytest.raises(Interrupt):
         sft.run(resumed)
     ckpts = Path(resumed.paths.checkpoints) / "sft"
@@ -132,7 +134,7 @@ def _fake_checkpoint(root: Path, step: int, run_id: str) -> Path:
     ckpt = root / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)
     (ckpt / "adapter_model.safetensors").write_bytes(b"weights %d" % step)
-    write_json(ckpt / MARKER, {"fingerprint": run_id, "step": step, "files": _manifest(ckpt)})
+    write_json(ckpt / MARKER, {"fingerprint": run_id, "step": step, "files": manifest(ckpt)})
     return ckpt
 
 

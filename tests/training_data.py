@@ -47,18 +47,24 @@ def clean_records(fmt: str = "completion", repeat: int = 1) -> list[dict[str, An
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) and key not in ("trainer", "extra") else value
+        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) and key != "extra" else value
     return out
 
 
 TINY = {
     "sft": {
-        "max_seq_len": 2048, "num_epochs": 1, "per_device_batch_size": 4, "learning_rate": 1e-3,
-        "min_optimizer_steps": 0, "logging_steps": 1, "save_steps": 1000, "lora": {"r": 4, "alpha": 8},
+        "max_seq_len": 2048, "min_optimizer_steps": 0, "lora": {"r": 4, "alpha": 8},
+        "trainer": {
+            "num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+            "save_steps": 1000,
+        },
     },
     "dpo": {
-        "max_length": 2048, "per_device_batch_size": 2, "gradient_accumulation_steps": 1, "num_epochs": 1,
-        "min_optimizer_steps": 0, "logging_steps": 1, "save_steps": 1000, "lora": {"r": 4, "alpha": 8},
+        "max_length": 2048, "min_optimizer_steps": 0, "lora": {"r": 4, "alpha": 8},
+        "trainer": {
+            "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "num_train_epochs": 1,
+            "logging_steps": 1, "save_steps": 1000,
+        },
     },
 }
 
@@ -75,6 +81,7 @@ def tiny_params(root: Path, model_dir: Path, overrides: dict[str, Any] | None = 
         "dpo_model": str(root / "models/dpo"),
         "checkpoints": str(root / "models/checkpoints"),
         "metrics": str(root / "metrics"),
+        "reports": str(root / "reports"),
     }
     data = merge({"paths": paths, "model": {"device": "cpu"}, **TINY}, overrides or {})
     return parse_params(data)

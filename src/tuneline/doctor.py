@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneline.errors import TunelineError
+from tuneline.modeling import EMBEDDED, dtype_name, embedded_gguf, resolve_dtype
 from tuneline.params import check_runtime, load_params
 from tuneline.provenance import library_versions
 
@@ -29,8 +30,6 @@ def report(params_path: Path, console: Console) -> None:
     table.add_row("bitsandbytes", "installed" if importlib.util.find_spec("bitsandbytes") else "not installed")
     table.add_row("liger-kernel", "installed" if importlib.util.find_spec("liger_kernel") else "not installed")
     table.add_row("dvc executable", shutil.which("dvc") or "[red]not on PATH[/]")
-    from tuneline.stages.base import EMBEDDED, embedded_gguf
-
     for name in EMBEDDED:
         try:
             table.add_row(f"embedded model {name}", str(embedded_gguf(name)))
@@ -42,7 +41,7 @@ def report(params_path: Path, console: Console) -> None:
         table.add_row("params", f"[red]{exc}[/]")
     else:
         device = "cuda" if cuda and params.model.device != "cpu" else "cpu"
-        dtype = params.model.dtype if params.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        dtype = dtype_name(resolve_dtype(params.model, device))
         table.add_row("params", f"{params_path}: ok")
         table.add_row("would run on", f"{device}, {dtype}, quantization {params.model.quantization}, "
                       f"{params.compute.num_processes} process(es), base {params.base.source}")

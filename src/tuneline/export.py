@@ -7,7 +7,8 @@ naming the base and every merged adapter by hash. Not a DVC stage by default.
 
 A 4-bit (nf4) base cannot be exported dense from its quantized weights without a lossy
 round trip, so export loads the base unquantized (``model.quantization: none``) in the
-params' dtype.
+dtype the params train in (``tuneline.modeling.resolve_dtype``: bfloat16 for ``auto``
+over an nf4 base).
 """
 
 from __future__ import annotations
@@ -16,11 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.errors import InputError
-from tuneline.modeling import check_model_dir, load
+from tuneline.modeling import (
+    adapter_stack,
+    check_model_dir,
+    dtype_name,
+    load,
+    merge_adapter,
+    resolve_device,
+    resolve_dtype,
+)
 from tuneline.params import Params
 from tuneline.provenance import sha256_path, stamp
 from tuneline.records import atomic_dir, write_json
-from tuneline.training import adapter_stack, merge_adapter
 
 
 def export(params: Params, adapter_dir: str | Path, out: str | Path) -> dict[str, Any]:
@@ -28,7 +36,8 @@ def export(params: Params, adapter_dir: str | Path, out: str | Path) -> dict[str
     stack = adapter_stack(adapter_dir)
     if out.resolve() in {p.resolve() for p in stack} or out.resolve() == Path(params.paths.base_model).resolve():
         raise InputError(f"--out {out}: would overwrite an input; choose a new directory")
-    spec = params.model.model_copy(update={"quantization": "none", "dtype": _dense_dtype(params)})
+    dtype = dtype_name(resolve_dtype(params.model, resolve_device(params.model)))
+    spec = params.model.model_copy(update={"quantization": "none", "dtype": dtype})
     loaded = load(params.paths.base_model, spec)
     for adapter in stack:
         merge_adapter(loaded, adapter)
@@ -49,9 +58,3 @@ def export(params: Params, adapter_dir: str | Path, out: str | Path) -> dict[str
         }
         write_json(tmp / "provenance.json", provenance)
     return provenance
-
-
-def _dense_dtype(params: Params) -> str:
-    if params.model.dtype != "auto":
-        return params.model.dtype
-    return "bfloat16" if params.model.quantization == "nf4" else "auto"

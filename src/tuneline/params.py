@@ -7,7 +7,12 @@ before anything heavy is imported or any model is loaded.
 
 Trainer and LoRA settings that TRL and peft type themselves are passed through
 (``sft.trainer``, ``sft.lora.extra``) and checked against the fields those libraries
-declare, rather than re-declared here.
+declare, rather than re-declared here: the TrainingArguments settings of sft and dpo
+(learning rate, batch, epochs, schedule...) live in ``<stage>.trainer`` under TRL's names,
+laid over ``SFT_TRAINER``/``DPO_TRAINER``.
+
+The code defaults are the committed ``params.yaml``: an empty params file runs the
+documented default pipeline.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -148,28 +154,81 @@ class CleanParams(Section):
     max_rejected_fraction: Probability = 0.5
 
 
+# TrainingArguments settings of the training stages: each stage's ``trainer`` dict is laid
+# over these (a key given there wins, the rest keep these values). Names are TRL's
+# (SFTConfig/DPOConfig); ``warmup_steps`` under 1 is a fraction of the optimizer steps.
+# ``per_device_eval_batch_size`` follows ``per_device_train_batch_size`` unless given.
+SFT_TRAINER: dict[str, Any] = {
+    "num_train_epochs": 1.0,
+    "learning_rate": 0.002,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "gradient_checkpointing": False,
+    "logging_steps": 2,
+    "save_steps": 8,
+}
+DPO_TRAINER: dict[str, Any] = {**SFT_TRAINER, "learning_rate": 0.0001}
+# Keys these sections had before their TrainingArguments settings moved into ``trainer``.
+MOVED_TO_TRAINER = {
+    "num_epochs": "num_train_epochs",
+    "learning_rate": "learning_rate",
+    "lr_scheduler": "lr_scheduler_type",
+    "warmup_ratio": "warmup_steps",
+    "per_device_batch_size": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "logging_steps": "logging_steps",
+    "save_steps": "save_steps",
+}
+# Settings that must be positive (the rest of the defaults' numbers must be >= 0).
+_POSITIVE = {"num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+             "gradient_accumulation_steps", "logging_steps", "save_steps"}
+
+
+def _trainer_with_defaults(defaults: dict[str, Any], value: Any) -> Any:
+    return {**defaults, **value} if isinstance(value, dict) else value
+
+
+def _check_trainer_values(stage: str, values: dict[str, Any]) -> list[str]:
+    """Type and range of the settings ``SFT_TRAINER`` names (TRL checks the others)."""
+    problems = []
+    for key, default in SFT_TRAINER.items():
+        value = values.get(key)
+        where = f"{stage}.trainer.{key}: {value!r}"
+        if isinstance(default, bool) or isinstance(default, str):
+            if type(value) is not type(default):
+                problems.append(f"{where} is not a {type(default).__name__}")
+        elif isinstance(value, bool) or not isinstance(value, int | float) or (
+            isinstance(default, int) and not isinstance(value, int)
+        ):
+            problems.append(f"{where} is not {'an integer' if isinstance(default, int) else 'a number'}")
+        elif (key in _POSITIVE and value <= 0) or value < 0:
+            problems.append(f"{where} must be {'> 0' if key in _POSITIVE else '>= 0'}")
+    return problems
+
+
 class SftParams(Section):
     max_seq_len: PositiveInt = 384
-    num_epochs: PositiveFloat = 1.0
-    learning_rate: NonNegativeFloat = 5e-4
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
-    per_device_batch_size: PositiveInt = 4
-    gradient_accumulation_steps: PositiveInt = 1
-    weight_decay: NonNegativeFloat = 0.0
-    max_grad_norm: PositiveFloat = 1.0
-    gradient_checkpointing: bool = False
     padding_free: bool = False
     packing: bool = False
-    logging_steps: PositiveInt = 2
-    save_steps: PositiveInt = 8
     eval_each_epoch: bool = True
     min_optimizer_steps: NonNegativeInt = 30
     strict_plan: bool = False
-    max_records: PositiveInt | None = 128  # null: all (GPU scale)
+    max_records: PositiveInt | None = 336  # null: all (GPU scale)
     max_eval_records: PositiveInt | None = 16
     lora: LoraParams = LoraParams()
-    trainer: dict[str, Any] = Field(default_factory=dict)
+    trainer: dict[str, Any] = Field(default_factory=lambda: dict(SFT_TRAINER))
+
+    @field_validator("trainer", mode="before")
+    @classmethod
+    def _trainer_defaults(cls, value: Any) -> Any:
+        return _trainer_with_defaults(SFT_TRAINER, value)
 
 
 class PairsParams(Section):
@@ -191,31 +250,28 @@ class PairsParams(Section):
 class DpoParams(Section):
     beta: PositiveFloat = 0.1
     loss_type: str = "sigmoid"
-    num_epochs: PositiveFloat = 1.0
-    learning_rate: NonNegativeFloat = 5e-5
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
-    per_device_batch_size: PositiveInt = 2
-    gradient_accumulation_steps: PositiveInt = 1
     max_length: PositiveInt = 448
     precompute_ref_log_probs: bool = True
-    gradient_checkpointing: bool = False
-    logging_steps: PositiveInt = 2
-    save_steps: PositiveInt = 8
     min_optimizer_steps: NonNegativeInt = 16
     strict_plan: bool = False
-    max_pairs: PositiveInt | None = 32  # null: all (GPU scale)
+    max_pairs: PositiveInt | None = 40  # null: all (GPU scale)
     lora: LoraParams = LoraParams()
-    trainer: dict[str, Any] = Field(default_factory=dict)
+    trainer: dict[str, Any] = Field(default_factory=lambda: dict(DPO_TRAINER))
+
+    @field_validator("trainer", mode="before")
+    @classmethod
+    def _trainer_defaults(cls, value: Any) -> Any:
+        return _trainer_with_defaults(DPO_TRAINER, value)
 
 
 class ProbeParams(Section):
-    suite: str | None = None  # None: paths.probe_suite
+    suite: str | None = "data/seed/probe_suite.jsonl"  # None: paths.probe_suite
+    # name -> adapter dir; the base itself (or None) probes the bare base
     models: dict[str, str | None] = Field(
-        default_factory=lambda: {"base": None, "sft": "models/sft", "dpo": "models/dpo"}
+        default_factory=lambda: {"base": "models/base", "sft": "models/sft", "dpo": "models/dpo"}
     )
     limit: PositiveInt | None = 60
-    batch_size: PositiveInt = 16
+    batch_size: PositiveInt = 30
     max_new_tokens: PositiveInt = 320
     do_sample: bool = False
     temperature: PositiveFloat = 1.0
@@ -312,6 +368,8 @@ def _format_error(err: dict[str, Any]) -> str:
     path = ".".join(str(p) for p in loc) or "(root)"
     value = err.get("input")
     kind = err["type"]
+    if kind == "extra_forbidden" and len(loc) == 2 and loc[0] in ("sft", "dpo") and loc[1] in MOVED_TO_TRAINER:
+        return f"{path}: moved to {loc[0]}.trainer.{MOVED_TO_TRAINER[loc[1]]} (TRL's name for it)"
     if kind == "extra_forbidden":
         allowed = _allowed_keys(Params, loc)
         hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
@@ -334,14 +392,20 @@ def parse_params(data: Any, source: str = "params") -> Params:
         data = {}
     if not isinstance(data, dict):
         raise ParamsError(source, [f"(root): expected a mapping of sections, got {type(data).__name__}"])
+    problems: list[str] = []
     try:
         params = Params.model_validate(data)
     except ValidationError as exc:
-        problems: list[str] = []
+        params = None
         for err in exc.errors():
-            for line in _format_error(err).split("; "):
-                problems.append(line)
-        raise ParamsError(source, problems) from None
+            problems.extend(_format_error(err).split("; "))
+    for stage, defaults in (("sft", SFT_TRAINER), ("dpo", DPO_TRAINER)):
+        section = data.get(stage)
+        trainer = section.get("trainer") if isinstance(section, dict) else None
+        if isinstance(trainer, dict):
+            problems.extend(_check_trainer_values(stage, {**defaults, **trainer}))
+    if problems or params is None:
+        raise ParamsError(source, problems)
     problems = _check_passthrough(params)
     if problems:
         raise ParamsError(source, problems)
@@ -349,7 +413,11 @@ def parse_params(data: Any, source: str = "params") -> Params:
 
 
 def _check_passthrough(params: Params) -> list[str]:
-    """Names in pass-through dicts must be fields of the TRL/peft config they feed."""
+    """Names in pass-through dicts must be fields of the TRL/peft config they feed.
+
+    The names of the stages' default trainer settings are known fields; TRL (slow to
+    import) is imported only for other names, so checking the default params stays fast.
+    """
     problems: list[str] = []
     checks = [
         ("sft.trainer", params.sft.trainer, "trl", "SFTConfig"),
@@ -358,14 +426,15 @@ def _check_passthrough(params: Params) -> list[str]:
         ("dpo.lora.extra", params.dpo.lora.extra, "peft", "LoraConfig"),
     ]
     for where, values, module, cls_name in checks:
-        if not values:
+        unknown = [key for key in values if key not in SFT_TRAINER]
+        if not unknown:
             continue
         import dataclasses
         import importlib
 
         cls = getattr(importlib.import_module(module), cls_name)
         allowed = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
+        for key in unknown:
             if key not in allowed:
                 problems.append(f"{where}.{key}: not a field of {module}.{cls_name}")
     return problems

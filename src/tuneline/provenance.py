@@ -1,4 +1,12 @@
-"""Provenance: git state, library versions and content hashes stamped on every output."""
+"""Provenance: git state, library versions and content hashes stamped on every output.
+
+Hashed model directories (DVC outs that later stages depend on) hold content provenance
+only: sources and content hashes. What names a run rather than its content (the git
+commit, the dirty flag, library versions, local paths) goes to a sidecar,
+``paths.reports``/provenance/<stage>.json (:func:`write_run_provenance`), so a new commit
+that changes nothing a model is made from leaves the model's bytes, and DVC's hash of
+them, unchanged.
+"""
 
 from __future__ import annotations
 
@@ -79,6 +87,19 @@ def stamp(**extra: Any) -> dict[str, Any]:
     No timestamps: outputs must be byte-identical when inputs are, so DVC sees no change.
     """
     return {"git": git_info(), "versions": library_versions(), **extra}
+
+
+def run_provenance_path(reports: str | Path, stage: str) -> Path:
+    return Path(reports) / "provenance" / f"{stage}.json"
+
+
+def write_run_provenance(params: Any, stage: str, content: dict[str, Any]) -> Path:
+    """Write the sidecar naming the run that made ``stage``'s model (git, versions)."""
+    from tuneline.records import write_json
+
+    path = run_provenance_path(params.paths.reports, stage)
+    write_json(path, {"stage": stage, **content, **stamp()})
+    return path
 
 
 def now_iso() -> str:

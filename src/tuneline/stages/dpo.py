@@ -4,8 +4,10 @@ Reads:  ``paths.pairs``/train.jsonl, ``paths.base_model``, ``paths.sft_model``.
 Writes: ``paths.dpo_model``/ (adapter safetensors, tokenizer, provenance.json naming the
         SFT adapter as its parent, README.md), ``paths.metrics``/dpo.json (plan, losses,
         reward accuracy/margins), ``paths.metrics``/dpo/*.tsv (per-step plots),
-        ``paths.checkpoints``/dpo/ (resumable checkpoints while training).
-Params: ``dpo``, ``model``, ``seed``, ``compute.num_processes``.
+        ``paths.checkpoints``/dpo/ (resumable checkpoints while training),
+        ``paths.reports``/provenance/dpo.json (the commit and library versions of the run).
+Params: ``dpo`` (TrainingArguments settings in ``dpo.trainer``), ``model``, ``seed``,
+        ``compute.num_processes``.
 
 With ``compute.num_processes > 1`` the command runs under ``accelerate launch`` (one
 process per GPU); the main process alone prints the plan and writes the outputs.
@@ -14,48 +16,36 @@ The SFT adapter is merged into the base and a fresh LoRA adapter is trained on t
 TRL's reference (the model with adapters disabled) is exactly the SFT model: at step 0
 the chosen and rejected rewards are zero. The DPO adapter therefore applies to
 base + merged SFT; ``provenance.json`` records ``"parent"`` and ``"stack"`` and
-``tuneline.training.load_for_eval`` loads it that way.
+``tuneline.modeling.load_for_eval`` loads it that way. The loop is
+``tuneline.training.train_adapter``, as for sft.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 from tuneline.errors import InputError, TunelineError
-from tuneline.modeling import Loaded
+from tuneline.modeling import Loaded, load_for_training
 from tuneline.params import Params
 from tuneline.provenance import sha256_path
-from tuneline.records import atomic_dir, read_json, read_jsonl, write_json
+from tuneline.records import read_jsonl
 from tuneline.training import (
-    GuardCallback,
-    MarkerCallback,
-    ThroughputCallback,
-    announce_plan,
+    Job,
+    Plan,
     base_provenance,
-    check_weights_changed,
     data_hashes,
     drop_shared_dataset,
     fingerprint,
-    finish_checkpoints,
+    is_main_process,
     last_logged,
-    load_for_training,
     lora_config,
-    make_plan,
-    match_adapter_dtype,
-    model_card,
-    resume_checkpoint,
+    plan_for_trainer,
     shared_dataset,
-    train_with_checkpoints,
-    trainable_snapshot,
-    trained_model,
+    train_adapter,
     trainer_args,
-    wait_for_everyone,
-    write_model_dir,
-    write_plots,
 )
 
 SHARED_DATASET = "shared-dataset"
@@ -132,113 +122,64 @@ def build_trainer(params: Params, loaded: Loaded, rows: list[dict[str, Any]], ou
     )
 
 
-def run(params: Params) -> dict[str, Any]:
-    dp = params.dpo
-    pairs_path = Path(params.paths.pairs) / "train.jsonl"
-    sft_dir = Path(params.paths.sft_model)
-    metrics_path = Path(params.paths.metrics) / "dpo.json"
-    ckpt_dir = Path(params.paths.checkpoints) / "dpo"
-
-    pairs = read_pairs(pairs_path, dp.max_pairs, params.seed)
-    base = base_provenance(params)
-    parent = {"path": params.paths.sft_model, "sha256": sha256_path(sft_dir)} if sft_dir.is_dir() else None
-    if parent is None:
-        raise InputError(f"{sft_dir}: the SFT adapter is missing (run `dvc repro sft` first)")
-    run_id = fingerprint(
-        dpo=dp.model_dump(), model=params.model.model_dump(), seed=params.seed, base=base["content_sha256"],
-        parent=parent["sha256"], data=data_hashes(pairs_path),
-    )
-
-    loaded = load_for_training(params, dp.gradient_checkpointing, merge=[sft_dir])
-    trainer = build_trainer(params, loaded, to_rows(loaded, pairs, pairs_path), ckpt_dir)
+def plan_for(params: Params, trainer: Any) -> Plan:
+    """Tokens per pair: prompt + chosen and prompt + rejected, each capped at max_length."""
+    cap = params.dpo.max_length
     dataset = trainer.train_dataset
-    if params.model.format == "completion":
-        check_prompt_ids(loaded, pairs, dataset, pairs_path)
     lengths = [
         (len(p) + len(c), len(p) + len(r), len(c) + len(r))
         for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
     ]
-    capped = [min(a, dp.max_length) + min(b, dp.max_length) for a, b, _ in lengths]
-    plan = make_plan(
-        records=len(dataset),
+    return plan_for_trainer(
+        trainer,
         eval_records=0,
-        tokens_per_epoch=sum(capped),
+        tokens_per_epoch=sum(min(a, cap) + min(b, cap) for a, b, _ in lengths),
         completion_tokens_per_epoch=sum(c for _, _, c in lengths),
-        truncated=sum(1 for a, b, _ in lengths if max(a, b) > dp.max_length),
-        max_seq_len=dp.max_length,
-        per_device_batch_size=trainer.args.per_device_train_batch_size,
-        gradient_accumulation_steps=trainer.args.gradient_accumulation_steps,
-        num_processes=trainer.args.world_size,
-        epochs=float(trainer.args.num_train_epochs),
-        warmup=float(trainer.args.warmup_steps),
+        truncated=sum(1 for a, b, _ in lengths if max(a, b) > cap),
+        max_seq_len=cap,
     )
-    main = trainer.is_world_process_zero()
-    warnings = announce_plan(plan, "dpo", dp.min_optimizer_steps, dp.strict_plan, show=main)
-    if main:
-        write_json(metrics_path, {"status": "training", "plan": plan.as_dict(), "warnings": warnings})
 
-    match_adapter_dtype(trainer)
-    trainer.add_callback(GuardCallback("dpo"))
-    trainer.add_callback(MarkerCallback(run_id))
-    throughput = ThroughputCallback()
-    trainer.add_callback(throughput)
-    initial = trainable_snapshot(trainer.model)
-    resume = resume_checkpoint(ckpt_dir, run_id, "dpo")
-    started = time.perf_counter()
-    result = train_with_checkpoints(trainer, resume, ckpt_dir, "dpo")
-    runtime = time.perf_counter() - started
-    model, state = trained_model(trainer)
-    if not main:
-        wait_for_everyone()
-        return read_json(metrics_path)
-    change = check_weights_changed(model, initial, "dpo", state)
 
-    history = trainer.state.log_history
-    results = {
-        "train_loss": float(result.training_loss),
-        "final_loss": last_logged(history, "loss"),
-        "reward_accuracy": last_logged(history, "rewards/accuracies"),
-        "reward_margin": last_logged(history, "rewards/margins"),
-        "steps": trainer.state.global_step,
-        "max_weight_change": change,
-    }
-    provenance = {
-        "stage": "dpo",
-        "base": base,
-        # The parent adapter is copied into the model dir, so models/dpo is self-contained
-        # and probe@dpo depends on nothing else.
-        "parent": "parent",
-        "parent_source": params.paths.sft_model,
-        "parent_sha256": parent["sha256"],
-        "stack": [params.paths.sft_model, params.paths.dpo_model],
-        "reference": "the SFT model (base with the parent adapter merged; the DPO adapter disabled)",
-        "data": data_hashes(pairs_path),
-        "params": {"dpo": dp.model_dump(), "model": params.model.model_dump(), "seed": params.seed},
-        "plan": plan.as_dict(),
-        "results": results,
-    }
-    with atomic_dir(params.paths.dpo_model) as tmp:
-        write_model_dir(
-            tmp, model=model, tokenizer=loaded.tokenizer, provenance=provenance,
-            card=model_card("DPO adapter", provenance, plan, results), state=state,
-        )
-        shutil.copytree(sft_dir, tmp / "parent")
-    plots = write_plots(history, Path(params.paths.metrics) / "dpo", PLOT_KEYS)
-    tokens_seen = plan.tokens_total
-    metrics = {
-        "plan": plan.as_dict(),
-        "warnings": warnings,
-        **results,
-        "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
-        "runtime_s": round(runtime, 2),
-        "tokens_seen": tokens_seen,
-        "tokens_per_s": round(tokens_seen / runtime, 2) if resume is None and runtime > 0 else None,
-        # the plan's tokens per optimizer step (a pair's prompt counted once)
-        **throughput.summary(plan.tokens_total / max(plan.optimizer_steps, 1)),
-        "plots": plots,
-    }
-    write_json(metrics_path, metrics)
-    finish_checkpoints(ckpt_dir, run_id, trainer.state.global_step)
-    drop_shared_dataset(ckpt_dir / SHARED_DATASET)
-    wait_for_everyone()
+def run(params: Params) -> dict[str, Any]:
+    dp = params.dpo
+    pairs_path = Path(params.paths.pairs) / "train.jsonl"
+    sft_dir = Path(params.paths.sft_model)
+    ckpt_dir = Path(params.paths.checkpoints) / "dpo"
+
+    pairs = read_pairs(pairs_path, dp.max_pairs, params.seed)
+    if not sft_dir.is_dir():
+        raise InputError(f"{sft_dir}: the SFT adapter is missing (run `dvc repro sft` first)")
+    base, parent_sha256 = base_provenance(params), sha256_path(sft_dir)
+    data = data_hashes(pairs_path)
+    settings = {"dpo": dp.model_dump(), "model": params.model.model_dump(), "seed": params.seed}
+    run_id = fingerprint(**settings, base=base["content_sha256"], parent=parent_sha256, data=data)
+
+    loaded = load_for_training(params, dp.trainer["gradient_checkpointing"], merge=[sft_dir])
+    trainer = build_trainer(params, loaded, to_rows(loaded, pairs, pairs_path), ckpt_dir)
+    if params.model.format == "completion":
+        check_prompt_ids(loaded, pairs, trainer.train_dataset, pairs_path)
+    job = Job(
+        stage="dpo",
+        title="DPO adapter",
+        out_dir=Path(params.paths.dpo_model),
+        run_id=run_id,
+        provenance={
+            "stage": "dpo", "base": base,
+            # The parent adapter is copied into the model dir, so models/dpo is
+            # self-contained and probe@dpo depends on nothing else.
+            "parent": "parent", "parent_source": params.paths.sft_model, "parent_sha256": parent_sha256,
+            "stack": [params.paths.sft_model, params.paths.dpo_model],
+            "reference": "the SFT model (base with the parent adapter merged; the DPO adapter disabled)",
+            "data": data, "params": settings,
+        },
+        plot_keys=PLOT_KEYS,
+        results=lambda history: {
+            "reward_accuracy": last_logged(history, "rewards/accuracies"),
+            "reward_margin": last_logged(history, "rewards/margins"),
+        },
+        add_files=lambda tmp: shutil.copytree(sft_dir, tmp / "parent"),
+    )
+    metrics = train_adapter(params, job, trainer, loaded, plan_for(params, trainer))
+    if is_main_process():
+        drop_shared_dataset(ckpt_dir / SHARED_DATASET)
     return metrics

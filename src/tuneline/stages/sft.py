@@ -5,8 +5,13 @@ Reads:  ``paths.clean``/train.jsonl and val.jsonl (prompt already rendered in th
 Writes: ``paths.sft_model``/ (adapter safetensors, tokenizer, provenance.json, README.md),
         ``paths.metrics``/sft.json (plan, losses, steps, tokens, throughput),
         ``paths.metrics``/sft/*.tsv (per-step loss, learning rate, grad norm, eval loss),
-        ``paths.checkpoints``/sft/ (resumable checkpoints while training).
-Params: ``sft``, ``model``, ``seed``, ``compute.num_processes``.
+        ``paths.checkpoints``/sft/ (resumable checkpoints while training),
+        ``paths.reports``/provenance/sft.json (the commit and library versions of the run).
+Params: ``sft`` (TrainingArguments settings in ``sft.trainer``), ``model``, ``seed``,
+        ``compute.num_processes``.
+
+The loop (plan, resume, guards, save, metrics) is ``tuneline.training.train_adapter``;
+this module reads and tokenizes the records and builds TRL's ``SFTTrainer``.
 
 With ``compute.num_processes > 1`` the command runs under ``accelerate launch`` (one
 process per GPU): every rank trains on its share of each batch; the main process alone
@@ -22,40 +27,24 @@ prompt ids the probe will generate from; TRL then builds labels from the complet
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 from typing import Any
 
-from tuneline.errors import InputError, TunelineError
-from tuneline.modeling import Loaded, chat_special_ids
+from tuneline.errors import InputError
+from tuneline.modeling import Loaded, chat_special_ids, load_for_training
 from tuneline.params import Params
-from tuneline.records import atomic_dir, read_json, read_jsonl, write_json
+from tuneline.records import read_jsonl
 from tuneline.training import (
-    GuardCallback,
-    MarkerCallback,
+    Job,
     Plan,
-    ThroughputCallback,
-    announce_plan,
     base_provenance,
-    check_weights_changed,
     data_hashes,
-    epoch_losses,
     fingerprint,
-    finish_checkpoints,
     last_logged,
-    load_for_training,
     lora_config,
-    make_plan,
-    match_adapter_dtype,
-    model_card,
-    resume_checkpoint,
-    train_with_checkpoints,
-    trainable_snapshot,
-    trained_model,
+    plan_for_trainer,
+    train_adapter,
     trainer_args,
-    wait_for_everyone,
-    write_model_dir,
-    write_plots,
 )
 
 RECORD_FIELDS = {"prompt": (str, list), "completion": str}
@@ -125,8 +114,6 @@ def build_trainer(params: Params, loaded: Loaded, train_rows: list, eval_rows: l
             "max_length": max_length,
             "packing": sp.packing,
             "padding_free": sp.padding_free,
-            "weight_decay": sp.weight_decay,
-            "max_grad_norm": sp.max_grad_norm,
             **args,
         }
     )
@@ -142,19 +129,13 @@ def build_trainer(params: Params, loaded: Loaded, train_rows: list, eval_rows: l
 
 
 def plan_for(params: Params, trainer: Any, stats: dict[str, int], eval_records: int) -> Plan:
-    sp = params.sft
-    return make_plan(
-        records=len(trainer.train_dataset),
+    return plan_for_trainer(
+        trainer,
         eval_records=eval_records,
         tokens_per_epoch=stats["tokens"],
         completion_tokens_per_epoch=stats["completion_tokens"],
         truncated=stats["truncated"],
-        max_seq_len=sp.max_seq_len,
-        per_device_batch_size=trainer.args.per_device_train_batch_size,
-        gradient_accumulation_steps=trainer.args.gradient_accumulation_steps,
-        num_processes=trainer.args.world_size,
-        epochs=float(trainer.args.num_train_epochs),
-        warmup=float(trainer.args.warmup_steps),
+        max_seq_len=params.sft.max_seq_len,
     )
 
 
@@ -162,88 +143,30 @@ def run(params: Params) -> dict[str, Any]:
     sp = params.sft
     clean = Path(params.paths.clean)
     train_path, val_path = clean / "train.jsonl", clean / "val.jsonl"
-    metrics_path = Path(params.paths.metrics) / "sft.json"
     ckpt_dir = Path(params.paths.checkpoints) / "sft"
 
     train_records = read_records(train_path, sp.max_records, params.seed)
     val_records = read_records(val_path, sp.max_eval_records, params.seed) if val_path.is_file() else []
     base = base_provenance(params)
-    run_id = fingerprint(
-        sft=sp.model_dump(), model=params.model.model_dump(), seed=params.seed, base=base["content_sha256"],
-        data=data_hashes(train_path, val_path),
-    )
+    data = data_hashes(train_path, val_path)
+    settings = {"sft": sp.model_dump(), "model": params.model.model_dump(), "seed": params.seed}
+    run_id = fingerprint(**settings, base=base["content_sha256"], data=data)
 
-    loaded = load_for_training(params, sp.gradient_checkpointing)
+    loaded = load_for_training(params, sp.trainer["gradient_checkpointing"])
     train_rows, stats = tokenize(loaded, train_records, sp.max_seq_len, train_path)
     eval_rows, _ = tokenize(loaded, val_records, sp.max_seq_len, val_path)
     trainer = build_trainer(params, loaded, train_rows, eval_rows, ckpt_dir)
     plan = plan_for(params, trainer, stats, len(eval_rows) if trainer.eval_dataset is not None else 0)
-    main = trainer.is_world_process_zero()
-    warnings = announce_plan(plan, "sft", sp.min_optimizer_steps, sp.strict_plan, show=main)
-    if main:
-        write_json(metrics_path, {"status": "training", "plan": plan.as_dict(), "warnings": warnings})
-
-    match_adapter_dtype(trainer)
-    trainer.add_callback(GuardCallback("sft"))
-    trainer.add_callback(MarkerCallback(run_id))
-    throughput = ThroughputCallback()
-    trainer.add_callback(throughput)
-    initial = trainable_snapshot(trainer.model)
-    resume = resume_checkpoint(ckpt_dir, run_id, "sft")
-    started = time.perf_counter()
-    result = train_with_checkpoints(trainer, resume, ckpt_dir, "sft")
-    runtime = time.perf_counter() - started
-    if trainer.state.global_step != plan.optimizer_steps:
-        raise TunelineError(
-            f"sft: the trainer ran {trainer.state.global_step} optimizer steps but the plan said {plan.optimizer_steps}"
-        )
-    model, state = trained_model(trainer)
-    if not main:
-        wait_for_everyone()
-        return read_json(metrics_path)
-    change = check_weights_changed(model, initial, "sft", state)
-
-    history = trainer.state.log_history
-    tokens_seen = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0) or plan.tokens_total
-    results = {
-        "train_loss": float(result.training_loss),
-        "final_loss": last_logged(history, "loss"),
-        "eval_loss": last_logged(history, "eval_loss"),
-        "steps": trainer.state.global_step,
-        "tokens_seen": tokens_seen,
-        "max_weight_change": change,
-    }
-    timing = {
-        "runtime_s": round(runtime, 2),
-        "tokens_per_s": round(tokens_seen / runtime, 2) if resume is None and runtime > 0 else None,
-        "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
-        **throughput.summary(),
-    }
-    provenance = {
-        "stage": "sft",
-        "base": base,
-        "parent": None,
-        "stack": [params.paths.sft_model],
-        "data": data_hashes(train_path, val_path),
-        "params": {"sft": sp.model_dump(), "model": params.model.model_dump(), "seed": params.seed},
-        "plan": plan.as_dict(),
-        "results": results,
-    }
-    with atomic_dir(params.paths.sft_model) as tmp:
-        write_model_dir(
-            tmp, model=model, tokenizer=loaded.tokenizer, provenance=provenance,
-            card=model_card("SFT adapter", provenance, plan, results), state=state,
-        )
-    plots = write_plots(history, Path(params.paths.metrics) / "sft", PLOT_KEYS)
-    metrics = {
-        "plan": plan.as_dict(),
-        "warnings": warnings,
-        **results,
-        **timing,
-        "eval_loss_per_epoch": epoch_losses(history),
-        "plots": plots,
-    }
-    write_json(metrics_path, metrics)
-    finish_checkpoints(ckpt_dir, run_id, trainer.state.global_step)
-    wait_for_everyone()
-    return metrics
+    job = Job(
+        stage="sft",
+        title="SFT adapter",
+        out_dir=Path(params.paths.sft_model),
+        run_id=run_id,
+        provenance={
+            "stage": "sft", "base": base, "parent": None, "stack": [params.paths.sft_model], "data": data,
+            "params": settings,
+        },
+        plot_keys=PLOT_KEYS,
+        results=lambda history: {"eval_loss": last_logged(history, "eval_loss")},
+    )
+    return train_adapter(params, job, trainer, loaded, plan)

@@ -1,0 +1,63 @@
+"""Training LoRA adapters: the pieces the sft and dpo stages share, one home per job.
+
+- ``arguments``: ``lora_config``, ``trainer_args`` (TrainingArguments fields).
+- ``plan``: ``Plan``, ``make_plan``, ``plan_for_trainer``, ``announce_plan``.
+- ``callbacks``: ``GuardCallback``, ``ThroughputCallback``, ``MarkerCallback`` and the
+  weights-changed check.
+- ``checkpoints``: run fingerprints, resume, finish.
+- ``distributed``: main process, barriers, shared datasets, FSDP state.
+- ``outputs``: the model directory, model card, plots, metrics helpers.
+- ``loop``: ``train_adapter``, the one loop both stages run.
+
+Loading (the base, adapter stacks for training and evaluation) is
+``tuneline.modeling``'s; ``load_for_eval`` and ``load_for_training`` are re-exported
+here for older imports.
+"""
+
+from tuneline.modeling import adapter_stack, load_for_eval, load_for_training, merge_adapter
+from tuneline.training.arguments import liger_available, lora_config, trainer_args
+from tuneline.training.callbacks import (
+    GuardCallback,
+    MarkerCallback,
+    ThroughputCallback,
+    check_weights_changed,
+    trainable_snapshot,
+)
+from tuneline.training.checkpoints import (
+    FINISHED,
+    MARKER,
+    fingerprint,
+    finish_checkpoints,
+    manifest,
+    pick_checkpoint,
+    resume_checkpoint,
+    train_with_checkpoints,
+)
+from tuneline.training.distributed import (
+    drop_shared_dataset,
+    is_main_process,
+    shared_dataset,
+    trained_model,
+    wait_for_everyone,
+)
+from tuneline.training.loop import Job, train_adapter
+from tuneline.training.outputs import (
+    base_provenance,
+    data_hashes,
+    epoch_losses,
+    last_logged,
+    model_card,
+    write_model_dir,
+    write_plots,
+)
+from tuneline.training.plan import Plan, announce_plan, make_plan, plan_for_trainer
+
+__all__ = [
+    "FINISHED", "MARKER", "GuardCallback", "Job", "MarkerCallback", "Plan", "ThroughputCallback", "adapter_stack",
+    "announce_plan", "base_provenance", "check_weights_changed", "data_hashes", "drop_shared_dataset", "epoch_losses", "last_logged",
+    "fingerprint", "finish_checkpoints", "is_main_process", "liger_available", "load_for_eval",
+    "load_for_training", "lora_config", "make_plan", "manifest", "merge_adapter", "model_card",
+    "pick_checkpoint", "plan_for_trainer", "resume_checkpoint", "shared_dataset", "train_adapter",
+    "train_with_checkpoints", "trainable_snapshot", "trained_model", "trainer_args", "wait_for_everyone",
+    "write_model_dir", "write_plots",
+]

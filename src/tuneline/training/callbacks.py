@@ -1,0 +1,151 @@
+"""Callbacks and guards around ``trainer.train``.
+
+- ``GuardCallback``: a non-finite loss or non-finite trainable weights stop training with
+  the step number (no final output is written); ``check_weights_changed`` fails a run
+  whose adapter weights did not move.
+- ``ThroughputCallback``: steady-state seconds and tokens per second.
+- ``MarkerCallback``: marks a checkpoint complete once the trainer has written it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from tuneline.errors import TunelineError
+from tuneline.training.checkpoints import write_marker
+from tuneline.training.distributed import wait_for_everyone
+
+
+def trainable_snapshot(model: Any) -> dict[str, Any]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def check_weights_changed(
+    model: Any, before: Mapping[str, Any], stage: str, state: Mapping[str, Any] | None = None
+) -> float:
+    """Largest absolute change of a trainable weight; fail when nothing moved.
+
+    ``state`` is the full state dict gathered from FSDP shards (``trained_model``); the
+    model's own parameters are read otherwise.
+    """
+    import torch
+
+    params = dict(state) if state is not None else dict(model.named_parameters())
+    if not before:
+        raise TunelineError(f"{stage}: the model has no trainable parameters; LoRA was not applied")
+    largest = 0.0
+    for name, old in before.items():
+        if name not in params:
+            raise TunelineError(f"{stage}: trainable weight {name} is missing from the trained model")
+        new = params[name].detach().to(old.device)
+        if not torch.isfinite(new).all():
+            raise TunelineError(f"{stage}: trainable weight {name} is not finite after training")
+        largest = max(largest, float((new.float() - old.float()).abs().max()))
+    if largest == 0.0:
+        raise TunelineError(
+            f"{stage}: the LoRA weights are identical to their initial values after training, so nothing "
+            f"was learned and no adapter is written (is {stage}.trainer.learning_rate 0, or was every label masked?)"
+        )
+    return largest
+
+
+class GuardCallback(TrainerCallback):
+    """Stop on a non-finite loss or non-finite trainable weights, naming the step.
+
+    Raising here (before the trainer saves) means no checkpoint and no final output holds
+    the broken weights.
+    """
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        for key in ("loss", "eval_loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TunelineError(
+                    f"{self.stage}: {key} is {value} at step {state.global_step}; training stopped and no adapter "
+                    f"was written (lower {self.stage}.trainer.learning_rate or check the data)"
+                )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        import torch
+
+        if model is None:
+            return
+        trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+        # One device sync per step: a non-finite weight makes its norm non-finite; only
+        # then look for the weight to name.
+        norms = torch._foreach_norm([param.detach() for _, param in trainable]) if trainable else []
+        if not norms or bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+            return
+        for name, param in trainable:
+            if not torch.isfinite(param).all():
+                raise TunelineError(
+                    f"{self.stage}: non-finite loss or gradient at step {state.global_step} made weight {name} "
+                    f"non-finite; training stopped and no adapter was written (lower {self.stage}.trainer.learning_rate "
+                    "or check the data)"
+                )
+
+
+class ThroughputCallback(TrainerCallback):
+    """Steady-state throughput: seconds and input tokens (as the Trainer counts them) over
+    the optimizer steps after the first ``skip``, leaving out start-up, the first kernel
+    launches and allocator growth."""
+
+    def __init__(self, skip: int = 3):
+        self.skip = skip
+        self.start: tuple[float, int] | None = None
+        self.end: tuple[float, int, int] | None = None
+
+    def _mark(self, state: Any) -> tuple[float, int]:
+        import time
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter(), int(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.skip:
+            self.start = self._mark(state)
+        elif state.global_step > self.skip and self.start is not None:
+            self.end = (*self._mark(state), state.global_step)
+
+    def summary(self, tokens_per_step: float) -> dict[str, Any]:
+        """``steady_steps``, ``steady_s`` and ``steady_tokens_per_s`` (None when too few
+        steps). Tokens are the Trainer's count of non-padding input tokens; where the
+        Trainer counts none, ``tokens_per_step`` (the plan's) per step."""
+        if self.start is None or self.end is None:
+            return {"steady_steps": 0, "steady_s": None, "steady_tokens_per_s": None}
+        seconds = self.end[0] - self.start[0]
+        steps = self.end[2] - self.skip
+        tokens = (self.end[1] - self.start[1]) or tokens_per_step * steps
+        return {
+            "steady_steps": steps,
+            "steady_s": round(seconds, 3),
+            "steady_tokens_per_s": round(tokens / seconds, 2) if seconds > 0 and tokens > 0 else None,
+        }
+
+
+class MarkerCallback(TrainerCallback):
+    """Mark a checkpoint complete after the trainer has written all of it."""
+
+    def __init__(self, run_fingerprint: str):
+        self.run_fingerprint = run_fingerprint
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Each rank writes its own files (RNG state) into the checkpoint: mark it only
+        # once all of them are done.
+        wait_for_everyone()
+        if not state.is_world_process_zero:
+            return
+        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if directory.is_dir():
+            write_marker(directory, self.run_fingerprint, state.global_step)
