@@ -15,16 +15,6 @@ from common import build_random_model, load_records, print_table, write_result
 
 
 def main() -> None:
-    import torch
-    from transformers import AutoTokenizer
-
-    from tuneline.contract import load_contract
-    from tuneline.modeling import Loaded
-    from tuneline.params import parse_params
-    from tuneline.stages import dpo as dpo_stage
-    from tuneline.stages import sft as sft_stage
-    from tuneline.stages.pairs import negatives
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen2.5-0.5b")
     ap.add_argument("--tokenizer", default="models/base")
@@ -37,6 +27,16 @@ def main() -> None:
                     help="also time sft padding-free with model.attn_implementation sdpa_varlen")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from tuneline.contract import load_contract
+    from tuneline.modeling import Loaded
+    from tuneline.params import parse_params
+    from tuneline.tasks.travel import negatives
+    from tuneline.training import dpo as dpo_training
+    from tuneline.training import sft as sft_training
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     tokenizer.chat_template = None
@@ -61,8 +61,8 @@ def main() -> None:
     warm = parse_params({"sft": {**common, "max_seq_len": 1024, "eval_each_epoch": False,
                                  "trainer": {"save_strategy": "no", "max_steps": 3}}})
     loaded = fresh()
-    sft_rows, _ = sft_stage.tokenize(loaded, records, 1024, Path(args.data))
-    sft_stage.build_trainer(warm, loaded, sft_rows, [], Path("/tmp/bench-dpo-warm")).train()
+    sft_rows, _ = sft_training.tokenize(loaded, records, 1024, Path(args.data))
+    sft_training.build_trainer(warm, loaded, sft_rows, [], Path("/tmp/bench-dpo-warm")).train()
     del loaded
     gc.collect()
 
@@ -79,7 +79,7 @@ def main() -> None:
                                        "padding_free": padding_free, "trainer": {"save_strategy": "no"}}})
         loaded = fresh(attn)
         began = time.perf_counter()
-        trainer = sft_stage.build_trainer(params, loaded, sft_rows, [], Path("/tmp/bench-dpo-sft"))
+        trainer = sft_training.build_trainer(params, loaded, sft_rows, [], Path("/tmp/bench-dpo-sft"))
         trainer.train()
         seconds = time.perf_counter() - began
         tokens = sum(len(r["input_ids"]) for r in sft_rows)
@@ -93,9 +93,9 @@ def main() -> None:
         params = parse_params({"dpo": {**common, "max_length": 1024, "precompute_ref_log_probs": precompute,
                                        "trainer": {"save_strategy": "no"}}})
         loaded = fresh()
-        dpo_rows = dpo_stage.to_rows(loaded, pairs, Path("pairs"))
+        dpo_rows = dpo_training.to_rows(loaded, pairs, Path("pairs"))
         began = time.perf_counter()
-        trainer = dpo_stage.build_trainer(params, loaded, dpo_rows, Path(f"/tmp/bench-dpo-{precompute}"))
+        trainer = dpo_training.build_trainer(params, loaded, dpo_rows, Path(f"/tmp/bench-dpo-{precompute}"))
         trainer.train()  # with construction: includes the reference pass when precomputing
         seconds = time.perf_counter() - began
         # tokens a pair carries: the prompt once + chosen + rejected completions

@@ -1,7 +1,8 @@
 """probe throughput: tuneline's batched probe generation vs one prompt at a time.
 
 Same prompts (the probe suite rendered in the model's format), same greedy decoding and
-max_new_tokens, through the probe stage's own `generate`. Reports generated tokens/s and
+max_new_tokens, through the library's one generation loop (`tuneline.generation.generate`,
+the loop probe runs). Reports generated tokens/s and
 the ratio, side by side in one process.
 
     python bench/probe_throughput.py --model models/base --n 64 --batch 32 --max-new 128
@@ -16,14 +17,6 @@ from common import build_random_model, print_table, write_result
 
 
 def main() -> None:
-    import torch
-
-    from tuneline import modeling
-    from tuneline.modeling import Loaded
-    from tuneline.params import ModelParams
-    from tuneline.prompting import render
-    from tuneline.stages.probe import generate, load_suite
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/base", help="a model directory (real weights)")
     ap.add_argument("--random-shape", default=None, help="use a random model of this shape instead")
@@ -36,6 +29,15 @@ def main() -> None:
                     help="model.dtype for --model (auto: bf16 on CUDA and on CPUs with native bf16)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
+
+    import torch
+
+    from tuneline import modeling
+    from tuneline.contract import load_suite
+    from tuneline.generation import generate
+    from tuneline.modeling import Loaded
+    from tuneline.params import ModelParams
+    from tuneline.prompting import render
 
     if args.random_shape:
         tokenizer = modeling.load_tokenizer(args.tokenizer, "completion")

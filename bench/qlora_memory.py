@@ -18,9 +18,9 @@ from common import SHAPES, build_random_model, load_records, n_params, print_tab
 def train_steps(model_dir: Path, quantization: str, records: list[dict], steps: int, batch: int) -> dict:
     import torch
 
+    from tuneline.modeling import load_for_training
     from tuneline.params import parse_params
-    from tuneline.stages.sft import build_trainer, tokenize
-    from tuneline.training import load_for_training
+    from tuneline.training.sft import build_trainer, tokenize
 
     params = parse_params({
         "paths": {"base_model": str(model_dir)},
@@ -50,9 +50,6 @@ def train_steps(model_dir: Path, quantization: str, records: list[dict], steps: 
 
 
 def main() -> None:
-    import torch
-    from transformers import AutoTokenizer
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen2.5-7b")
     ap.add_argument("--tokenizer", default="models/base")
@@ -62,6 +59,9 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/bench-7b")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     model_dir = Path(args.workdir)

@@ -120,7 +120,7 @@ def run_plain_trl(model: Any, tokenizer: Any, records: list[dict[str, Any]], ste
 
 def tuneline_rows(tokenizer: Any, model: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from tuneline.modeling import Loaded
-    from tuneline.stages.sft import tokenize
+    from tuneline.training.sft import tokenize
 
     loaded = Loaded(model=model, tokenizer=tokenizer, provenance={"model": "random"}, format="completion",
                     device="cuda")
@@ -134,7 +134,7 @@ def run_tuneline(model: Any, tokenizer: Any, records: list[dict[str, Any]], step
                  overrides: dict[str, Any], warmup: int) -> dict:
     from tuneline.modeling import Loaded
     from tuneline.params import parse_params
-    from tuneline.stages.sft import build_trainer
+    from tuneline.training.sft import build_trainer
 
     trainer_over = {"max_steps": steps, "save_strategy": "no", "per_device_train_batch_size": batch,
                     "logging_steps": 1, **overrides.get("trainer", {})}
@@ -186,13 +186,6 @@ def check_varlen(shape: str, tokenizer: Any, records: list[dict[str, Any]], n: i
 
 
 def main() -> None:
-    import torch
-    from transformers import AutoTokenizer
-
-    from tuneline.attention import register
-    from tuneline.params import LoraParams
-    from tuneline.training import liger_available, lora_config
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen2.5-1.5b")
     ap.add_argument("--tokenizer", default="models/base")
@@ -206,6 +199,14 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining variants after this many seconds")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from tuneline.attention import register
+    from tuneline.modeling import lora_config
+    from tuneline.params import LoraParams
+    from tuneline.training import liger_available
 
     began = time.perf_counter()
     register()

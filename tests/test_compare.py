@@ -186,3 +186,24 @@ def test_single_model_report_has_rates_only(tmp_path):
     report = (tmp_path / "reports" / "compare.md").read_text()
     assert "Nothing to compare" in report and "Paired differences" not in report
     assert "| base | 10 | 50.0% [" in report
+
+
+def test_committed_report_is_what_compare_makes_from_the_committed_probe_outputs(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
+    data["paths"] = {**data.get("paths", {}), "metrics": str(tmp_path / "metrics"),
+                     "reports": str(tmp_path / "reports")}
+    shutil.copytree(repo / "metrics" / "probe", tmp_path / "metrics" / "probe")
+    shutil.copytree(repo / "reports" / "probe", tmp_path / "reports" / "probe")
+    metrics = compare.run(parse_params(data))
+    assert (tmp_path / "reports" / "compare.md").read_text() == (repo / "reports" / "compare.md").read_text()
+    committed = read_json(repo / "metrics" / "compare.json")
+    made = json.loads(json.dumps(metrics))
+    for provenance_free in (committed, made):
+        provenance_free.pop("provenance")
+    assert made == committed

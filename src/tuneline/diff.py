@@ -23,11 +23,13 @@ from typing import Any
 from tuneline.errors import InputError
 from tuneline.params import Params
 from tuneline.records import loads_strict
-from tuneline.stages.compare import (
-    SAMPLE_FIELDS,
+from tuneline.reporting import (
     ProbeRun,
     check_same_inputs,
+    label,
+    output_paths,
     paired_stats,
+    parse_samples,
     probe_run_from_records,
     rate_stats,
 )
@@ -60,24 +62,6 @@ def resolve(repo: str | Path, rev: str) -> str | None:
         ) from exc
 
 
-def _parse_jsonl(text: str, source: str) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = loads_strict(line)
-        except ValueError as exc:
-            raise InputError(f"{source}:{number}: invalid JSON: {exc}") from exc
-        if not isinstance(record, dict):
-            raise InputError(f"{source}:{number}: expected a JSON object")
-        for field, spec in {"id": (str, int), **SAMPLE_FIELDS}.items():
-            if not isinstance(record.get(field), spec):
-                raise InputError(f"{source}:{number}: field {field!r} missing or not {spec}")
-        records.append(record)
-    return records
-
-
 def read_version(repo: str | Path, rev: str, params: Params) -> Version:
     """Every probe run (metrics + samples) present at ``rev``."""
     from dvc.api import DVCFileSystem
@@ -89,11 +73,10 @@ def read_version(repo: str | Path, rev: str, params: Params) -> Version:
     except DvcException as exc:
         raise InputError(f"{repo}: cannot open the DVC repository at {rev!r}: {exc}") from exc
     metrics_dir = f"{params.paths.metrics}/probe"
-    reports_dir = f"{params.paths.reports}/probe"
     runs: dict[str, ProbeRun] = {}
     for metrics_path in sorted(fs.glob(f"{metrics_dir}/*.json")):
         name = Path(metrics_path).stem
-        samples_path = f"{reports_dir}/{name}.samples.jsonl"
+        samples_path = output_paths(params, name).samples.as_posix()
         source = f"{rev}:{samples_path}"
         try:
             metrics = loads_strict(fs.read_text(metrics_path, encoding="utf-8"))
@@ -106,7 +89,7 @@ def read_version(repo: str | Path, rev: str, params: Params) -> Version:
             raise InputError(f"{rev}:{metrics_path}: invalid JSON: {exc}") from exc
         if not isinstance(metrics, dict):
             raise InputError(f"{rev}:{metrics_path}: expected a JSON object of probe metrics")
-        runs[name] = probe_run_from_records(name, metrics, _parse_jsonl(text, source), source)
+        runs[name] = probe_run_from_records(name, metrics, parse_samples(text, source), source)
     if not runs:
         raise InputError(f"{rev}: no probe results under {metrics_dir}/ (run `dvc repro` and commit them)")
     return Version(rev=rev, sha=sha, runs=runs)
@@ -173,7 +156,7 @@ def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
             out.append(
                 (
                     model,
-                    metric.replace("_", " "),
+                    label(metric),
                     f"{s['rate_a'] * 100:.1f}%",
                     f"{s['rate_b'] * 100:.1f}%",
                     f"{s['diff'] * 100:+.1f}",

@@ -36,35 +36,10 @@ from tuneline.errors import InputError
 from tuneline.params import Params
 from tuneline.provenance import sha256_file, stamp
 from tuneline.records import read_jsonl, write_json, write_jsonl
+from tuneline.reporting import binary_outcomes, output_paths
 
 SUITE_FIELDS: dict[str, type | tuple[type, ...]] = {"instruction": str, "expect": dict}
 EXAMPLES_PER_CAUSE = 3
-
-
-@dataclass(frozen=True)
-class ProbePaths:
-    metrics: Path
-    samples: Path
-    failures: Path
-
-
-def output_paths(params: Params, model: str) -> ProbePaths:
-    metrics = Path(params.paths.metrics) / "probe"
-    reports = Path(params.paths.reports) / "probe"
-    return ProbePaths(
-        metrics=metrics / f"{model}.json",
-        samples=reports / f"{model}.samples.jsonl",
-        failures=reports / f"{model}.failures.jsonl",
-    )
-
-
-def binary_outcomes(sample: Mapping[str, Any]) -> dict[str, bool]:
-    """The per-sample 0/1 outcomes behind every rate in probe metrics and compare."""
-    outcomes = {"parse_rate": bool(sample["parsed"]), "schema_valid_rate": bool(sample["valid"])}
-    for name, ok in sample["checks"].items():
-        outcomes[f"{name}_accuracy"] = bool(ok)
-    outcomes["truncated_rate"] = sample["finish_reason"] == "length"
-    return outcomes
 
 
 def adapter_dir(params: Params, model: str) -> str | None:
