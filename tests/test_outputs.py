@@ -12,6 +12,7 @@ command line exits non-zero.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -150,3 +151,16 @@ def test_written_files_keep_the_permissions_a_user_expects(tmp_path: Path) -> No
         assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
     finally:
         os.umask(mask)
+
+
+def test_files_written_into_a_directory_being_built_land_in_it(tmp_path: Path) -> None:
+    """A model directory is one staged output: what is written into it (provenance, a
+    rewritten config) is inside it when it is swapped in."""
+    with staged_outputs():
+        with atomic_dir(tmp_path / "model") as tmp:
+            write_json(tmp / "provenance.json", {"a": 1})
+            write_json(tmp / "provenance.json", {"a": 2})
+            assert json.loads((tmp / "provenance.json").read_text()) == {"a": 2}  # read back at once
+        assert not (tmp_path / "model").exists()
+    assert json.loads((tmp_path / "model/provenance.json").read_text()) == {"a": 2}
+    assert sorted(p.name for p in tmp_path.rglob(".*")) == []

@@ -311,9 +311,15 @@ def _mode_for(path: Path, directory: bool) -> int:
         return (0o777 if directory else 0o666) & ~_umask()
 
 
+_BUILDING: set[Path] = set()  # temp directories of atomic_dir() bodies in progress
+
+
 def _place(tmp: Path, path: Path, write_now: bool) -> None:
+    """Move ``tmp`` onto ``path`` now, or stage it; a file written into a directory that
+    is itself being built (``atomic_dir``) goes in place at once: the directory is the
+    output that gets staged."""
     staged = None if write_now else _STAGED.get()
-    if staged is not None:
+    if staged is not None and _BUILDING.isdisjoint(path.resolve().parents):
         staged.add(tmp, path)
     else:
         os.replace(tmp, path)
@@ -406,8 +412,10 @@ def atomic_dir(path: str | Path, *, write_now: bool = False) -> Iterator[Path]:
     except OSError as exc:
         raise _write_error(path, exc) from exc
     placed = False
+    _BUILDING.add(tmp.resolve())
     try:
         yield tmp
+        _BUILDING.discard(tmp.resolve())
         os.chmod(tmp, _mode_for(path, directory=True))
         if not write_now and _STAGED.get() is not None:
             _place(tmp, path, write_now)
@@ -423,5 +431,6 @@ def atomic_dir(path: str | Path, *, write_now: bool = False) -> Iterator[Path]:
             os.replace(old, path)
         raise _write_error(path, exc) from exc
     finally:
+        _BUILDING.discard(tmp.resolve())
         if not placed and tmp.exists():
             shutil.rmtree(tmp)

@@ -45,7 +45,10 @@ def manifest(directory: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_marker(directory: Path, run_fingerprint: str, step: int) -> None:
-    write_json(directory / MARKER, {"fingerprint": run_fingerprint, "step": step, "files": manifest(directory)})
+    write_json(
+        directory / MARKER, {"fingerprint": run_fingerprint, "step": step, "files": manifest(directory)},
+        write_now=True,  # a checkpoint is complete the moment it is marked, whatever the stage does next
+    )
 
 
 def checkpoints(directory: Path) -> list[tuple[int, Path]]:

@@ -18,7 +18,7 @@ from tuneline.errors import TunelineError
 from tuneline.modeling import Loaded
 from tuneline.params import Params
 from tuneline.provenance import write_run_provenance
-from tuneline.records import atomic_dir, read_json, write_json
+from tuneline.records import atomic_dir, commit_staged, read_json, write_json
 from tuneline.training.callbacks import (
     GuardCallback,
     MarkerCallback,
@@ -124,6 +124,7 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
     }
     write_json(metrics_path, metrics)
     finish_checkpoints(ckpt_dir, job.run_id, trainer.state.global_step)
+    commit_staged()  # the other ranks read the metrics once past the barrier
     wait_for_everyone()
     return metrics
 
