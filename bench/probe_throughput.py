@@ -22,7 +22,8 @@ def main() -> None:
     from tuneline.modeling import Loaded
     from tuneline.params import ModelParams
     from tuneline.prompting import render
-    from tuneline.stages.probe import generate, load_suite
+    from tuneline.generation import generate
+    from tuneline.stages.probe import load_suite
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/base", help="a model directory (real weights)")
@@ -54,7 +55,8 @@ def main() -> None:
     rows = []
     outputs = {}
     for name, batch in [("one at a time", 1), (f"batched ({args.batch})", args.batch)]:
-        results, seconds = generate(loaded, prompt_ids, batch_size=batch, **common, desc=name)
+        outputs, seconds = generate(loaded, prompt_ids, batch_size=batch, **common, desc=name)
+        results = [r for (r,) in outputs]
         tokens = sum(r.n_tokens for r in results)
         outputs[name] = [r.text for r in results]
         rows.append({"variant": name, "prompts": len(results), "new_tokens": tokens, "seconds": seconds,

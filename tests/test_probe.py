@@ -278,10 +278,11 @@ def test_probe_is_deterministic_and_batching_does_not_change_outputs(tmp_path, n
 
 def test_generation_stops_at_eos_and_counts_it(noisy_model_dir):
     from tuneline import modeling
+    from tuneline.generation import generate
 
     loaded = modeling.load(noisy_model_dir, parse_params({"model": {"device": "cpu"}}).model)
     ids = loaded.encode(["### Instruction\nPlan a trip to Lisbon\n\n### Response\n"])
-    [free], _ = probe.generate(
+    [[free]], _ = generate(
         loaded, ids, batch_size=1, max_new_tokens=8, do_sample=False, temperature=1.0, top_p=1.0
     )
     assert free.finish_reason == "length" and free.n_tokens == 8
@@ -289,7 +290,7 @@ def test_generation_stops_at_eos_and_counts_it(noisy_model_dir):
     stop = tokens[3]
     first = tokens.index(stop)
     loaded.model.generation_config.eos_token_id = [stop]
-    [stopped], _ = probe.generate(
+    [[stopped]], _ = generate(
         loaded, ids, batch_size=1, max_new_tokens=8, do_sample=False, temperature=1.0, top_p=1.0
     )
     assert stopped.finish_reason == "eos"

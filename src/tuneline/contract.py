@@ -47,6 +47,20 @@ API
     is keyed by the path's last component (``destination``), or by the full path when two
     paths share a last component.
 
+``Contract.judge(text, expect, finish_reason=None, *, strict=False) -> Verdict``
+    The one verdict on a text, used by ``probe`` (model outputs), ``pairs`` (chosen,
+    rejected and on-policy samples) and ``clean`` (training completions): parse
+    (``parse_lenient``; with ``strict`` one strict JSON value, ``records.loads_strict``),
+    validate, run the task checks and name the failure cause. ``Contract.judge_value``
+    judges an already parsed value the same way.
+
+    A text that does not parse has no value at any path, so its task checks are all
+    False (keyed as ``task_checks`` keys them), never missing; its schema ``errors`` are
+    empty (the reason is ``parse_error``) and it is neither valid nor passing. ``cause``
+    is ``failure_cause``'s category, or ``wrong_<check>`` (the first failing check) for a
+    valid value that fails a task check. ``passes`` is valid with every check true;
+    ``score`` is ``int(valid) + number of true checks`` (a ranking of samples).
+
 ``failure_cause(parsed, errors, finish_reason) -> str``
     One short category for grouping failures: ``ok``, ``truncated`` (generation hit the
     token limit, or the JSON was cut off), ``invalid_json``, ``wrong_root_type``,
@@ -82,6 +96,28 @@ class Parsed:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """How one text fares against the contract (see ``Contract.judge``)."""
+
+    parsed: bool
+    parse_error: str | None
+    value: Any
+    valid: bool
+    errors: list[str]
+    checks: dict[str, bool]
+    fields_present: list[str]
+    cause: str
+
+    @property
+    def passes(self) -> bool:
+        return self.valid and all(self.checks.values())
+
+    @property
+    def score(self) -> int:
+        return int(self.valid) + sum(self.checks.values())
+
+
+@dataclass(frozen=True)
 class Contract:
     """A loaded, checked schema with its validator (built once)."""
 
@@ -97,6 +133,38 @@ class Contract:
             for err in _leaf_errors(self._validator.iter_errors(obj))
         }
         return [text for _, text in sorted(found)]
+
+    def judge(
+        self, text: str, expect: Mapping[str, Any], finish_reason: str | None = None, *, strict: bool = False
+    ) -> Verdict:
+        """Parse, validate and task-check one text (see the module docstring)."""
+        parsed = _parse_strict(text) if strict else parse_lenient(text)
+        return self._verdict(parsed, expect, finish_reason)
+
+    def judge_value(self, value: Any, expect: Mapping[str, Any], finish_reason: str | None = None) -> Verdict:
+        """The verdict on an already parsed value."""
+        return self._verdict(Parsed(value, True, None), expect, finish_reason)
+
+    def _verdict(self, parsed: Parsed, expect: Mapping[str, Any], finish_reason: str | None) -> Verdict:
+        errors = self.validate(parsed.value) if parsed.ok else []
+        checks = task_checks(parsed.value if parsed.ok else None, expect)
+        cause = failure_cause(parsed, errors, finish_reason)
+        if cause == "ok":
+            failed = [name for name, ok in checks.items() if not ok]
+            if failed:
+                cause = f"wrong_{failed[0]}"
+        value = parsed.value
+        root = self.schema.get("required", [])
+        return Verdict(
+            parsed=parsed.ok,
+            parse_error=parsed.error,
+            value=value,
+            valid=parsed.ok and not errors,
+            errors=errors,
+            checks=checks,
+            fields_present=[f for f in root if isinstance(value, dict) and f in value],
+            cause=cause,
+        )
 
     def is_valid(self, obj: Any) -> bool:
         return not self.validate(obj)
@@ -169,6 +237,15 @@ def parse_lenient(text: str) -> Parsed:
         if later is not None:
             value = later
     return Parsed(value, True, None)
+
+
+def _parse_strict(text: str) -> Parsed:
+    from tuneline.records import loads_strict
+
+    try:
+        return Parsed(loads_strict(text), True, None)
+    except ValueError as exc:
+        return Parsed(None, False, str(exc))
 
 
 def task_checks(obj: Any, expect: Mapping[str, Any]) -> dict[str, bool]:

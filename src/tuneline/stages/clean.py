@@ -56,242 +56,42 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
-import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from tuneline.contract import Contract, load_contract, task_checks
-from tuneline.datagen.similarity import SimilarityIndex, gram_order, shingles
+from tuneline import tasks
+from tuneline.contract import load_contract
 from tuneline.errors import InputError
+from tuneline.filters import (
+    Candidate,
+    Filter,
+    apply,
+    contamination_filter,
+    exact_duplicate_filter,
+    leakage_filter,
+    length_filter,
+    measure,
+    near_duplicate_filter,
+    normalize_text,
+    parse_filter,
+    schema_filter,
+    task_filter,
+)
 from tuneline.params import Params
 from tuneline.prompting import render
 from tuneline.provenance import sha256_file, stamp
-from tuneline.records import loads_strict, read_jsonl, write_json, write_jsonl
+from tuneline.records import read_jsonl, write_json, write_jsonl
+from tuneline.similarity import SimilarityIndex, gram_order, shingles
 
-REASONS = (
-    "invalid_json",
-    "schema_invalid",
-    "task_mismatch",
-    "duplicate",
-    "near_duplicate",
-    "probe_leak",
-    "probe_destination",
-    "chat_token",
-    "over_length",
-)
+REASONS = ("invalid_json", "schema_invalid", "task_mismatch", "duplicate", "near_duplicate", "probe_leak")
+LATE_REASONS = ("chat_token", "over_length")
 _SFT_FIELDS = {"prompt": str, "completion": str, "meta": dict}
 _PREF_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
 err = Console(stderr=True)
-
-
-@dataclass
-class Candidate:
-    """One record on its way through the filters."""
-
-    record: dict[str, Any]
-    instruction: str
-    system: str | None
-    completion: str  # canonical text once parsed, the raw text before
-    value: Any = None
-    grams: frozenset = frozenset()
-    prompt: Any = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    special_hits: list[int] = field(default_factory=list)
-
-    @property
-    def id(self) -> str:
-        return str(self.record["id"])
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-Rejection = tuple[str, dict[str, Any]]
-Filter = Callable[[Candidate], Rejection | None]
-
-
-# -- normalisation -----------------------------------------------------------------------
-
-
-def normalize_text(text: str) -> str:
-    """NFC; strip each line; collapse runs of spaces/tabs; at most one blank line in a row."""
-    text = unicodedata.normalize("NFC", text)
-    lines = [re.sub(r"[ \t\f\v]+", " ", line).strip() for line in text.splitlines()]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-def normalize_value(value: Any) -> Any:
-    """Every string in a JSON value collapsed to single-spaced NFC text."""
-    if isinstance(value, str):
-        return " ".join(unicodedata.normalize("NFC", value).split())
-    if isinstance(value, list):
-        return [normalize_value(v) for v in value]
-    if isinstance(value, dict):
-        return {normalize_value(k): normalize_value(v) for k, v in value.items()}
-    return value
-
-
-def _prompt_key(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.casefold()))
-
-
-# -- filters -----------------------------------------------------------------------------
-
-
-def parse_filter(contract: Contract) -> Filter:
-    def check(c: Candidate) -> Rejection | None:
-        try:
-            value = loads_strict(c.completion)
-        except ValueError as exc:
-            return "invalid_json", {"error": str(exc)}
-        c.value = normalize_value(value)
-        c.completion = contract.canonical_text(c.value)
-        return None
-
-    return check
-
-
-def schema_filter(contract: Contract) -> Filter:
-    def check(c: Candidate) -> Rejection | None:
-        errors = contract.validate(c.value)
-        return ("schema_invalid", {"errors": errors}) if errors else None
-
-    return check
-
-
-def task_filter(c: Candidate) -> Rejection | None:
-    expect = c.record["meta"].get("expect") or {}
-    if not expect:
-        return None
-    checks = task_checks(c.value, expect)
-    failed = sorted(name for name, ok in checks.items() if not ok)
-    return ("task_mismatch", {"failed": failed, "expect": expect}) if failed else None
-
-
-def exact_duplicate_filter() -> Filter:
-    seen: dict[str, str] = {}
-
-    def check(c: Candidate) -> Rejection | None:
-        key = hashlib.sha256(
-            "\x00".join([_prompt_key(c.instruction), c.system or "", c.completion]).encode("utf-8")
-        ).hexdigest()
-        if key in seen:
-            return "duplicate", {"duplicate_of": seen[key]}
-        seen[key] = c.id
-        return None
-
-    return check
-
-
-def near_duplicate_filter(index: SimilarityIndex) -> Filter:
-    def check(c: Candidate) -> Rejection | None:
-        hit = index.best(c.grams)
-        if hit is not None:
-            return "near_duplicate", {"duplicate_of": hit[0], "jaccard": round(hit[1], 4)}
-        index.add(c.id, c.grams)
-        return None
-
-    return check
-
-
-def leakage_filter(probe: Sequence[dict[str, Any]], index: SimilarityIndex, n: int) -> Filter:
-    exact = {_prompt_key(p["instruction"]): p["id"] for p in probe}
-
-    def check(c: Candidate) -> Rejection | None:
-        probe_id = exact.get(_prompt_key(c.instruction))
-        if probe_id is not None:
-            return "probe_leak", {"probe_id": probe_id, "match": "exact"}
-        hit = index.best(shingles(c.instruction, n))
-        if hit is not None:
-            return "probe_leak", {"probe_id": hit[0], "match": "near", "jaccard": round(hit[1], 4)}
-        return None
-
-    return check
-
-
-def probe_entities(probe: Sequence[dict[str, Any]]) -> list[str]:
-    """Values the probe suite expects at paths ending in 'destination'."""
-    found = {
-        str(v)
-        for p in probe
-        for k, v in (p.get("expect") or {}).items()
-        if k.rsplit(".", 1)[-1] == "destination" and str(v).strip()
-    }
-    return sorted(found)
-
-
-def destination_filter(entities: Sequence[str]) -> Filter:
-    patterns = [(e, re.compile(rf"(?<!\w){re.escape(e.casefold())}(?!\w)")) for e in entities]
-
-    def check(c: Candidate) -> Rejection | None:
-        text = f"{c.instruction}\n{c.completion}".casefold()
-        for entity, pattern in patterns:
-            if pattern.search(text):
-                return "probe_destination", {"destination": entity}
-        return None
-
-    return check
-
-
-def contamination_filter(tokenizer: Any) -> Filter:
-    def check(c: Candidate) -> Rejection | None:
-        if c.special_hits:
-            names = [tokenizer.convert_ids_to_tokens(i) for i in c.special_hits]
-            return "chat_token", {"token_ids": c.special_hits, "tokens": names}
-        return None
-
-    return check
-
-
-def length_filter(max_seq_len: int, policy: str) -> Filter:
-    def check(c: Candidate) -> Rejection | None:
-        if c.total_tokens > max_seq_len and policy == "drop":
-            return "over_length", {
-                "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens,
-                "max_seq_len": max_seq_len,
-            }
-        return None
-
-    return check
-
-
-# -- tokenization ------------------------------------------------------------------------
-
-
-def measure(candidates: Sequence[Candidate], tokenizer: Any, fmt: str, special: set[int]) -> None:
-    """Render prompts and count tokens (prompt and completion separately), in batches."""
-    if not candidates:
-        return
-    for c in candidates:
-        c.prompt = render(c.instruction, fmt, system=c.system)
-    completions = tokenizer([c.completion for c in candidates], add_special_tokens=False)[
-        "input_ids"
-    ]
-    if fmt == "completion":
-        prompts = tokenizer([c.prompt for c in candidates], add_special_tokens=False)["input_ids"]
-        content = prompts
-    else:
-        prompts = [
-            tokenizer.apply_chat_template(
-                c.prompt, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            for c in candidates
-        ]
-        texts = ["\n".join(m["content"] for m in c.prompt) for c in candidates]
-        content = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    for c, p_ids, c_ids, text_ids in zip(candidates, prompts, completions, content, strict=True):
-        c.prompt_tokens = len(p_ids)
-        c.completion_tokens = len(c_ids) + 1  # the EOS the trainer appends
-        c.special_hits = sorted({i for i in (*text_ids, *c_ids) if i in special})
 
 
 # -- the stage ---------------------------------------------------------------------------
@@ -317,16 +117,16 @@ def run(params: Params) -> dict[str, Any]:
         _candidate(r, generated / "sft.jsonl", line) for line, r in enumerate(records, start=1)
     ]
     rejected: list[dict[str, Any]] = []
-    alive = _apply(
+    alive = apply(
         candidates,
-        [parse_filter(contract), schema_filter(contract), task_filter, exact_duplicate_filter()],
+        [parse_filter(contract), schema_filter, task_filter, exact_duplicate_filter()],
         rejected,
     )
 
     for c in alive:
         c.grams = shingles(f"{c.instruction}\n{c.completion}", cp.ngram)
     near = SimilarityIndex(cp.near_duplicate_jaccard, gram_order(c.grams for c in alive))
-    alive = _apply(alive, [near_duplicate_filter(near)], rejected)
+    alive = apply(alive, [near_duplicate_filter(near)], rejected)
 
     probe_grams = {p["id"]: shingles(p["instruction"], cp.ngram) for p in probe}
     leak_index = SimilarityIndex(
@@ -335,13 +135,12 @@ def run(params: Params) -> dict[str, Any]:
     )
     for probe_id, grams in probe_grams.items():
         leak_index.add(probe_id, grams)
-    leak_filters = [leakage_filter(probe, leak_index, cp.ngram)]
-    if cp.exclude_probe_destinations:
-        leak_filters.append(destination_filter(probe_entities(probe)))
-    alive = _apply(alive, leak_filters, rejected)
+    task = tasks.get(params.task)
+    leak_filters = [leakage_filter(probe, leak_index, cp.ngram), *task.clean_filters(probe, params)]
+    alive = apply(alive, leak_filters, rejected)
 
     measure(alive, tokenizer, fmt, special)
-    alive = _apply(alive, [contamination_filter(tokenizer)], rejected)
+    alive = apply(alive, [contamination_filter(tokenizer)], rejected)
     max_len = params.sft.max_seq_len
     over = [c for c in alive if c.total_tokens > max_len]
     over_fraction = len(over) / len(alive) if alive else 0.0
@@ -353,12 +152,12 @@ def run(params: Params) -> dict[str, Any]:
                 f"sft.max_seq_len={max_len} tokens (e.g. {', '.join(c.id for c in over[:5])}); raise "
                 "sft.max_seq_len, shorten the completions, or set clean.over_length to drop or truncate"
             )
-    kept = _apply(alive, [length_filter(max_len, cp.over_length)], rejected)
+    kept = apply(alive, [length_filter(max_len, cp.over_length)], rejected)
 
     _check_budget(len(candidates), kept, rejected, cp.min_kept, cp.max_rejected_fraction)
 
     pref_kept, pref_rejected = _clean_preferences(
-        preferences, probe, leak_index, cp, tokenizer, fmt, special
+        preferences, leak_filters, tokenizer, fmt, special
     )
     train, val = split(kept, cp.val_fraction)
     tokenized = [c for c in candidates if c.prompt is not None]
@@ -416,24 +215,6 @@ def _candidate(record: dict[str, Any], path: Path, line: int) -> Candidate:
         system=normalize_text(system) if system else None,
         completion=record["completion"],
     )
-
-
-def _apply(
-    candidates: Iterable[Candidate], filters: Sequence[Filter], rejected: list[dict[str, Any]]
-) -> list[Candidate]:
-    kept = []
-    for c in candidates:
-        for f in filters:
-            rejection = f(c)
-            if rejection is not None:
-                reason, detail = rejection
-                rejected.append(
-                    {"id": c.id, "reason": reason, "detail": detail, "record": c.record}
-                )
-                break
-        else:
-            kept.append(c)
-    return kept
 
 
 def _warn_over_length(over: Sequence[Candidate], total: int, max_len: int, policy: str) -> None:
@@ -528,17 +309,12 @@ def _length_line(c: Candidate, max_len: int, rejected_ids: set[str]) -> dict[str
 
 def _clean_preferences(
     preferences: Sequence[dict[str, Any]],
-    probe: Sequence[dict[str, Any]],
-    leak_index: SimilarityIndex,
-    cp: Any,
+    leak_filters: Sequence[Filter],
     tokenizer: Any,
     fmt: str,
     special: set[int],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Imported triples: the prompt gets the model's format; leakage and contamination apply."""
-    filters: list[Filter] = [leakage_filter(probe, leak_index, cp.ngram)]
-    if cp.exclude_probe_destinations:
-        filters.append(destination_filter(probe_entities(probe)))
     kept, rejected = [], []
     for p in preferences:
         c = Candidate(
@@ -549,7 +325,7 @@ def _clean_preferences(
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         c.special_hits = sorted({i for row in ids for i in row if i in special})
         reason = None
-        for f in [*filters, contamination_filter(tokenizer)]:
+        for f in [*leak_filters, contamination_filter(tokenizer)]:
             reason = f(c)
             if reason is not None:
                 break
@@ -600,7 +376,9 @@ def _metrics(
     prompt_tokens = [c.prompt_tokens for c in kept]
     completion_tokens = [c.completion_tokens for c in kept]
     total_tokens = [c.total_tokens for c in kept]
-    leaks = by_reason["probe_leak"] + by_reason["probe_destination"]
+    reasons = (*REASONS, *tasks.get(params.task).clean_reasons, *LATE_REASONS)
+    leak_reasons = ("probe_leak", *tasks.get(params.task).clean_reasons)
+    leaks = sum(by_reason[r] for r in leak_reasons)
     pref_reasons = Counter(r["reason"] for r in pref_rejected)
     metrics: dict[str, Any] = {
         "input": len(candidates),
@@ -609,7 +387,7 @@ def _metrics(
         "val": len(val),
         "rejected": len(rejected),
         "rejected_fraction": round(len(rejected) / len(candidates), 6) if candidates else 0.0,
-        "rejected_by_reason": {reason: by_reason[reason] for reason in REASONS},
+        "rejected_by_reason": {reason: by_reason[reason] for reason in reasons},
         "over_length_policy": params.clean.over_length,
         "max_seq_len": params.sft.max_seq_len,
         "over_length": len(over),
@@ -624,7 +402,7 @@ def _metrics(
         "total_tokens_p95": percentile(total_tokens, 95),
         "total_tokens_max": max(total_tokens, default=0),
         "train_tokens": sum(c.total_tokens for c in train),
-        "leakage_hits": leaks + pref_reasons["probe_leak"] + pref_reasons["probe_destination"],
+        "leakage_hits": leaks + sum(pref_reasons[r] for r in leak_reasons),
         "contamination_hits": by_reason["chat_token"] + pref_reasons["chat_token"],
         "kept_by_source": dict(
             sorted(Counter(c.record["meta"].get("source", "unknown") for c in kept).items())
