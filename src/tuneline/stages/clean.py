@@ -89,6 +89,11 @@ from tuneline.similarity import SimilarityIndex, gram_order, shingles
 
 REASONS = ("invalid_json", "schema_invalid", "task_mismatch", "duplicate", "near_duplicate", "probe_leak")
 LATE_REASONS = ("chat_token", "over_length")
+
+
+def reasons(task: tasks.Task) -> tuple[str, ...]:
+    """Every rejection reason in filter order: the task's come after ``probe_leak``."""
+    return (*REASONS, *task.clean_reasons, *LATE_REASONS)
 _SFT_FIELDS = {"prompt": str, "completion": str, "meta": dict}
 _PREF_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
 err = Console(stderr=True)
@@ -376,7 +381,6 @@ def _metrics(
     prompt_tokens = [c.prompt_tokens for c in kept]
     completion_tokens = [c.completion_tokens for c in kept]
     total_tokens = [c.total_tokens for c in kept]
-    reasons = (*REASONS, *tasks.get(params.task).clean_reasons, *LATE_REASONS)
     leak_reasons = ("probe_leak", *tasks.get(params.task).clean_reasons)
     leaks = sum(by_reason[r] for r in leak_reasons)
     pref_reasons = Counter(r["reason"] for r in pref_rejected)
@@ -387,7 +391,7 @@ def _metrics(
         "val": len(val),
         "rejected": len(rejected),
         "rejected_fraction": round(len(rejected) / len(candidates), 6) if candidates else 0.0,
-        "rejected_by_reason": {reason: by_reason[reason] for reason in reasons},
+        "rejected_by_reason": {reason: by_reason[reason] for reason in reasons(tasks.get(params.task))},
         "over_length_policy": params.clean.over_length,
         "max_seq_len": params.sft.max_seq_len,
         "over_length": len(over),
