@@ -19,10 +19,10 @@ def main() -> None:
     import torch
 
     from tuneline import modeling
+    from tuneline.generation import generate
     from tuneline.modeling import Loaded
     from tuneline.params import ModelParams
     from tuneline.prompting import render
-    from tuneline.generation import generate
     from tuneline.stages.probe import load_suite
 
     ap = argparse.ArgumentParser()
