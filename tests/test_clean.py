@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 
 from tuneline import filters, tasks
 from tuneline.contract import load_contract
-from tuneline.similarity import SimilarityIndex, gram_order, jaccard, shingles
 from tuneline.datagen.travel import load_destinations, load_phrasings, template_examples
 from tuneline.errors import InputError
 from tuneline.params import Params, parse_params
 from tuneline.records import read_jsonl, write_jsonl
+from tuneline.similarity import SimilarityIndex, gram_order, jaccard, shingles
 from tuneline.stages import clean, generate
 
 REPO = Path(__file__).resolve().parents[1]
