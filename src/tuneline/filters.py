@@ -1,4 +1,6 @@
-"""Clean's filters: each takes a ``Candidate`` and returns None (keep) or (reason, detail).
+"""Clean's library: candidates, filters, the split, preference cleaning and the reject budget.
+
+Each filter takes a ``Candidate`` and returns None (keep) or (reason, detail).
 
 ``apply`` runs filters in order over candidates; a candidate stops at its first reason and
 goes to ``rejected`` with it. The parse, schema and task filters read one
@@ -9,13 +11,19 @@ goes to ``rejected`` with it. The parse, schema and task filters read one
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from tuneline.contract import Contract, Verdict
+from tuneline.errors import InputError
 from tuneline.prompting import render
 from tuneline.similarity import SimilarityIndex, shingles
 
@@ -214,3 +222,164 @@ def apply(
         else:
             kept.append(c)
     return kept
+
+
+# -- the stage's steps -------------------------------------------------------------------
+
+err = Console(stderr=True)
+
+
+def candidate(record: dict[str, Any], path: Path, line: int) -> Candidate:
+    meta = record["meta"]
+    instruction = meta.get("instruction", record["prompt"])
+    system = meta.get("system")
+    if not isinstance(instruction, str) or (system is not None and not isinstance(system, str)):
+        raise InputError(f"{path}:{line}: meta.instruction and meta.system must be strings")
+    return Candidate(
+        record=record,
+        instruction=normalize_text(instruction),
+        system=normalize_text(system) if system else None,
+        completion=record["completion"],
+    )
+
+
+def warn_over_length(over: Sequence[Candidate], total: int, max_len: int, policy: str) -> None:
+    action = {
+        "drop": "dropped",
+        "truncate": "kept; the trainer will cut their ends",
+        "raise": "refused",
+    }[policy]
+    err.print(
+        f"[yellow]warning:[/] {len(over)} of {total} records ({len(over) / total:.1%}) are longer than "
+        f"sft.max_seq_len={max_len} tokens, so their completions would lose their end "
+        f"(clean.over_length={policy}: {action})",
+        highlight=False,
+    )
+
+
+def check_budget(
+    total: int,
+    kept: Sequence[Candidate],
+    rejected: Sequence[dict[str, Any]],
+    min_kept: int,
+    max_fraction: float,
+) -> None:
+    fraction = len(rejected) / total if total else 0.0
+    problems = []
+    if len(kept) < min_kept:
+        problems.append(f"only {len(kept)} of {total} records kept (clean.min_kept: {min_kept})")
+    if fraction > max_fraction:
+        problems.append(f"{fraction:.1%} rejected (clean.max_rejected_fraction: {max_fraction})")
+    if not problems:
+        return
+    counts = Counter(r["reason"] for r in rejected)
+    example = {}
+    for r in rejected:
+        example.setdefault(r["reason"], r)
+    top = []
+    for reason, n in counts.most_common(3):
+        first = example[reason]
+        detail = first["detail"]
+        hint = (
+            detail.get("errors", [detail.get("error") or detail.get("duplicate_of") or ""])[0]
+            if detail
+            else ""
+        )
+        top.append(f"{reason}: {n} (e.g. {first['id']}{': ' + str(hint) if hint else ''})")
+    reasons = "; ".join(top) if top else "no records rejected"
+    raise InputError(
+        f"clean: reject budget exceeded: {' and '.join(problems)}; top reasons: {reasons}"
+    )
+
+
+def split(
+    kept: Sequence[Candidate], val_fraction: float
+) -> tuple[list[Candidate], list[Candidate]]:
+    """Deterministic train/val split by id hash (see the module docstring)."""
+
+    def unit(c: Candidate) -> float:
+        return int(hashlib.sha256(c.id.encode("utf-8")).hexdigest(), 16) / 2**256
+
+    val_ids = {c.id for c in kept if unit(c) < val_fraction}
+    if not val_ids and len(kept) >= 2:
+        val_ids = {min(kept, key=unit).id}
+    return [c for c in kept if c.id not in val_ids], [c for c in kept if c.id in val_ids]
+
+
+def output_record(c: Candidate, fmt: str) -> dict[str, Any]:
+    meta = dict(c.record["meta"])
+    meta["instruction"] = c.instruction
+    if c.system:
+        meta["system"] = c.system
+    meta["tokens"] = {"prompt": c.prompt_tokens, "completion": c.completion_tokens}
+    completion: Any = (
+        c.completion if fmt == "completion" else [{"role": "assistant", "content": c.completion}]
+    )
+    out = {"id": c.id, "prompt": c.prompt, "completion": completion, "meta": meta}
+    if "provenance" in c.record:
+        out["provenance"] = c.record["provenance"]
+    return out
+
+
+def length_line(c: Candidate, max_len: int, rejected_ids: set[str]) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.total_tokens,
+        "over_length": c.total_tokens > max_len,
+        "truncated": c.total_tokens > max_len and c.id not in rejected_ids,
+        "kept": c.id not in rejected_ids,
+    }
+
+
+def clean_preferences(
+    preferences: Sequence[dict[str, Any]],
+    leak_filters: Sequence[Filter],
+    tokenizer: Any,
+    fmt: str,
+    special: set[int],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Imported triples: the prompt gets the model's format; leakage and contamination apply."""
+    kept, rejected = [], []
+    for p in preferences:
+        c = Candidate(
+            record=p, instruction=normalize_text(p["prompt"]), system=None, completion=p["chosen"]
+        )
+        c.prompt = render(c.instruction, fmt)
+        texts = [c.instruction, p["chosen"], p["rejected"]]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        c.special_hits = sorted({i for row in ids for i in row if i in special})
+        reason = None
+        for f in [*leak_filters, contamination_filter(tokenizer)]:
+            reason = f(c)
+            if reason is not None:
+                break
+        if reason is not None:
+            rejected.append(
+                {
+                    "id": c.id,
+                    "reason": reason[0],
+                    "detail": reason[1],
+                    "record": p,
+                    "kind": "preference",
+                }
+            )
+            continue
+        out = {"id": c.id, "prompt": c.prompt, "chosen": p["chosen"], "rejected": p["rejected"]}
+        if fmt == "chat":
+            out["chosen"] = [{"role": "assistant", "content": p["chosen"]}]
+            out["rejected"] = [{"role": "assistant", "content": p["rejected"]}]
+        out["meta"] = {**p.get("meta", {}), "instruction": c.instruction}
+        if "provenance" in p:
+            out["provenance"] = p["provenance"]
+        kept.append(out)
+    return kept, rejected
+
+
+def percentile(values: Sequence[int], q: float) -> int:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]

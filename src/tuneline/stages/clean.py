@@ -7,15 +7,16 @@ Writes:  ``paths.clean``/``train.jsonl``, ``val.jsonl``, ``rejected.jsonl`` (eve
          record with its reason and details), ``lengths.jsonl`` (token counts of every
          record that was tokenized), ``preferences.jsonl`` (imported preference triples that
          passed the leakage and contamination checks); ``paths.metrics``/``clean.json``.
-Params:  ``paths``, ``model.format``, ``clean``, ``sft.max_seq_len``.
+Params:  ``task``, ``paths``, ``model.format``, ``clean``, ``sft.max_seq_len``.
 
 Normalisation (applied once, before any filter): Unicode NFC everywhere; the instruction
 keeps its line breaks but loses leading/trailing space on each line and runs of spaces
 (at most one blank line in a row); every string inside the completion JSON is collapsed to
 single-spaced text; the completion is rewritten as canonical JSON (``Contract.canonical_text``).
 
-Filters, in this order; each returns keep or a reason, and a record stops at the first
-reason (the reason names in ``rejected_by_reason``):
+Filters (``tuneline.filters``), in this order; each returns keep or a reason, and a record
+stops at the first reason (the reason names in ``rejected_by_reason``). Filters 1-3 read one
+``Contract.judge`` verdict (strict JSON):
 
 1. ``invalid_json``: the completion is not one strict JSON value (no NaN, no duplicate keys);
 2. ``schema_invalid``: the completion fails the contract schema (every error path kept);
@@ -25,9 +26,10 @@ reason (the reason names in ``rejected_by_reason``):
    >= ``clean.near_duplicate_jaccard`` with a kept record (the first one is kept);
 6. ``probe_leak``: the instruction equals a probe prompt (after normalisation) or has
    Jaccard >= ``clean.leakage_jaccard`` with one;
-7. ``probe_destination``: with ``clean.exclude_probe_destinations``, the instruction or the
-   completion names an entity the probe suite expects (any ``expect`` value at a path
-   ending in ``destination``), as a whole word;
+7. the task's filters (``tuneline.tasks``): for ``task: travel``, ``probe_destination``:
+   with ``clean.exclude_probe_destinations``, the instruction or the completion names an
+   entity the probe suite expects (any ``expect`` value at a path ending in
+   ``destination``), as a whole word;
 8. ``chat_token``: the encoded prompt text or completion contains a special token id of
    the tokenizer (chat markers, BOS/EOS) - contamination;
 9. ``over_length``: prompt + completion + EOS tokens exceed ``sft.max_seq_len``. Policy
@@ -54,14 +56,10 @@ completion text (an assistant message list in chat format); ``meta`` gains ``tok
 
 from __future__ import annotations
 
-import hashlib
-import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from rich.console import Console
 
 from tuneline import tasks
 from tuneline.contract import load_contract
@@ -70,19 +68,25 @@ from tuneline.filters import (
     Candidate,
     Filter,
     apply,
+    candidate,
+    check_budget,
+    clean_preferences,
     contamination_filter,
     exact_duplicate_filter,
     leakage_filter,
     length_filter,
+    length_line,
     measure,
     near_duplicate_filter,
-    normalize_text,
+    output_record,
     parse_filter,
+    percentile,
     schema_filter,
+    split,
     task_filter,
+    warn_over_length,
 )
 from tuneline.params import Params
-from tuneline.prompting import render
 from tuneline.provenance import sha256_file, stamp
 from tuneline.records import read_jsonl, write_json, write_jsonl
 from tuneline.similarity import SimilarityIndex, gram_order, shingles
@@ -96,7 +100,6 @@ def reasons(task: tasks.Task) -> tuple[str, ...]:
     return (*REASONS, *task.clean_reasons, *LATE_REASONS)
 _SFT_FIELDS = {"prompt": str, "completion": str, "meta": dict}
 _PREF_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
-err = Console(stderr=True)
 
 
 # -- the stage ---------------------------------------------------------------------------
@@ -119,7 +122,7 @@ def run(params: Params) -> dict[str, Any]:
     special = modeling.chat_special_ids(tokenizer)
 
     candidates = [
-        _candidate(r, generated / "sft.jsonl", line) for line, r in enumerate(records, start=1)
+        candidate(r, generated / "sft.jsonl", line) for line, r in enumerate(records, start=1)
     ]
     rejected: list[dict[str, Any]] = []
     alive = apply(
@@ -128,11 +131,46 @@ def run(params: Params) -> dict[str, Any]:
         rejected,
     )
 
+    alive = _drop_near_duplicates(alive, cp, rejected)
+    leak_filters = _leak_filters(params, probe, alive)
+    alive = apply(alive, leak_filters, rejected)
+
+    measure(alive, tokenizer, fmt, special)
+    alive = apply(alive, [contamination_filter(tokenizer)], rejected)
+    max_len = params.sft.max_seq_len
+    over = _over_length(alive, max_len, cp.over_length)
+    kept = apply(alive, [length_filter(max_len, cp.over_length)], rejected)
+
+    check_budget(len(candidates), kept, rejected, cp.min_kept, cp.max_rejected_fraction)
+
+    pref_kept, pref_rejected = clean_preferences(preferences, leak_filters, tokenizer, fmt, special)
+    train, val = split(kept, cp.val_fraction)
+    tokenized = [c for c in candidates if c.prompt is not None]
+    out = Path(params.paths.clean)
+    write_jsonl(out / "train.jsonl", [output_record(c, fmt) for c in train])
+    write_jsonl(out / "val.jsonl", [output_record(c, fmt) for c in val])
+    write_jsonl(out / "rejected.jsonl", rejected + pref_rejected)
+    rejected_ids = {r["id"] for r in rejected}
+    write_jsonl(out / "lengths.jsonl", [length_line(c, max_len, rejected_ids) for c in tokenized])
+    write_jsonl(out / "preferences.jsonl", pref_kept)
+
+    metrics = _metrics(
+        params, candidates, kept, train, val, rejected, over, alive, pref_kept, pref_rejected, preferences
+    )
+    write_json(Path(params.paths.metrics) / "clean.json", metrics)
+    return metrics
+
+
+def _drop_near_duplicates(alive: list[Candidate], cp: Any, rejected: list[dict[str, Any]]) -> list[Candidate]:
     for c in alive:
         c.grams = shingles(f"{c.instruction}\n{c.completion}", cp.ngram)
     near = SimilarityIndex(cp.near_duplicate_jaccard, gram_order(c.grams for c in alive))
-    alive = apply(alive, [near_duplicate_filter(near)], rejected)
+    return apply(alive, [near_duplicate_filter(near)], rejected)
 
+
+def _leak_filters(params: Params, probe: list[dict[str, Any]], alive: list[Candidate]) -> list[Filter]:
+    """Probe leakage (exact or near instruction) and then the task's own leak filters."""
+    cp = params.clean
     probe_grams = {p["id"]: shingles(p["instruction"], cp.ngram) for p in probe}
     leak_index = SimilarityIndex(
         cp.leakage_jaccard,
@@ -141,56 +179,21 @@ def run(params: Params) -> dict[str, Any]:
     for probe_id, grams in probe_grams.items():
         leak_index.add(probe_id, grams)
     task = tasks.get(params.task)
-    leak_filters = [leakage_filter(probe, leak_index, cp.ngram), *task.clean_filters(probe, params)]
-    alive = apply(alive, leak_filters, rejected)
+    return [leakage_filter(probe, leak_index, cp.ngram), *task.clean_filters(probe, params)]
 
-    measure(alive, tokenizer, fmt, special)
-    alive = apply(alive, [contamination_filter(tokenizer)], rejected)
-    max_len = params.sft.max_seq_len
+
+def _over_length(alive: list[Candidate], max_len: int, policy: str) -> list[Candidate]:
+    """The records over ``max_len`` tokens, warned about; InputError under policy raise."""
     over = [c for c in alive if c.total_tokens > max_len]
-    over_fraction = len(over) / len(alive) if alive else 0.0
     if over:
-        _warn_over_length(over, len(alive), max_len, cp.over_length)
-        if cp.over_length == "raise":
+        warn_over_length(over, len(alive), max_len, policy)
+        if policy == "raise":
             raise InputError(
-                f"clean.over_length is 'raise': {len(over)} of {len(alive)} records ({over_fraction:.1%}) exceed "
-                f"sft.max_seq_len={max_len} tokens (e.g. {', '.join(c.id for c in over[:5])}); raise "
+                f"clean.over_length is 'raise': {len(over)} of {len(alive)} records ({len(over) / len(alive):.1%}) "
+                f"exceed sft.max_seq_len={max_len} tokens (e.g. {', '.join(c.id for c in over[:5])}); raise "
                 "sft.max_seq_len, shorten the completions, or set clean.over_length to drop or truncate"
             )
-    kept = apply(alive, [length_filter(max_len, cp.over_length)], rejected)
-
-    _check_budget(len(candidates), kept, rejected, cp.min_kept, cp.max_rejected_fraction)
-
-    pref_kept, pref_rejected = _clean_preferences(
-        preferences, leak_filters, tokenizer, fmt, special
-    )
-    train, val = split(kept, cp.val_fraction)
-    tokenized = [c for c in candidates if c.prompt is not None]
-    out = Path(params.paths.clean)
-    write_jsonl(out / "train.jsonl", [_output(c, fmt) for c in train])
-    write_jsonl(out / "val.jsonl", [_output(c, fmt) for c in val])
-    write_jsonl(out / "rejected.jsonl", rejected + pref_rejected)
-    write_jsonl(
-        out / "lengths.jsonl",
-        [_length_line(c, max_len, {r["id"] for r in rejected}) for c in tokenized],
-    )
-    write_jsonl(out / "preferences.jsonl", pref_kept)
-
-    metrics = _metrics(
-        params,
-        candidates,
-        kept,
-        train,
-        val,
-        rejected,
-        over,
-        alive,
-        pref_kept,
-        pref_rejected,
-        preferences,
-    )
-    write_json(Path(params.paths.metrics) / "clean.json", metrics)
-    return metrics
+    return over
 
 
 def _tokenizer(path: str, fmt: str) -> Any:
@@ -206,162 +209,6 @@ def _tokenizer(path: str, fmt: str) -> Any:
         return modeling.load_tokenizer(path, fmt)
     except OSError as exc:
         raise InputError(f"{path}: cannot load the base tokenizer: {exc}") from exc
-
-
-def _candidate(record: dict[str, Any], path: Path, line: int) -> Candidate:
-    meta = record["meta"]
-    instruction = meta.get("instruction", record["prompt"])
-    system = meta.get("system")
-    if not isinstance(instruction, str) or (system is not None and not isinstance(system, str)):
-        raise InputError(f"{path}:{line}: meta.instruction and meta.system must be strings")
-    return Candidate(
-        record=record,
-        instruction=normalize_text(instruction),
-        system=normalize_text(system) if system else None,
-        completion=record["completion"],
-    )
-
-
-def _warn_over_length(over: Sequence[Candidate], total: int, max_len: int, policy: str) -> None:
-    action = {
-        "drop": "dropped",
-        "truncate": "kept; the trainer will cut their ends",
-        "raise": "refused",
-    }[policy]
-    err.print(
-        f"[yellow]warning:[/] {len(over)} of {total} records ({len(over) / total:.1%}) are longer than "
-        f"sft.max_seq_len={max_len} tokens, so their completions would lose their end "
-        f"(clean.over_length={policy}: {action})",
-        highlight=False,
-    )
-
-
-def _check_budget(
-    total: int,
-    kept: Sequence[Candidate],
-    rejected: Sequence[dict[str, Any]],
-    min_kept: int,
-    max_fraction: float,
-) -> None:
-    fraction = len(rejected) / total if total else 0.0
-    problems = []
-    if len(kept) < min_kept:
-        problems.append(f"only {len(kept)} of {total} records kept (clean.min_kept: {min_kept})")
-    if fraction > max_fraction:
-        problems.append(f"{fraction:.1%} rejected (clean.max_rejected_fraction: {max_fraction})")
-    if not problems:
-        return
-    counts = Counter(r["reason"] for r in rejected)
-    example = {}
-    for r in rejected:
-        example.setdefault(r["reason"], r)
-    top = []
-    for reason, n in counts.most_common(3):
-        first = example[reason]
-        detail = first["detail"]
-        hint = (
-            detail.get("errors", [detail.get("error") or detail.get("duplicate_of") or ""])[0]
-            if detail
-            else ""
-        )
-        top.append(f"{reason}: {n} (e.g. {first['id']}{': ' + str(hint) if hint else ''})")
-    reasons = "; ".join(top) if top else "no records rejected"
-    raise InputError(
-        f"clean: reject budget exceeded: {' and '.join(problems)}; top reasons: {reasons}"
-    )
-
-
-def split(
-    kept: Sequence[Candidate], val_fraction: float
-) -> tuple[list[Candidate], list[Candidate]]:
-    """Deterministic train/val split by id hash (see the module docstring)."""
-
-    def unit(c: Candidate) -> float:
-        return int(hashlib.sha256(c.id.encode("utf-8")).hexdigest(), 16) / 2**256
-
-    val_ids = {c.id for c in kept if unit(c) < val_fraction}
-    if not val_ids and len(kept) >= 2:
-        val_ids = {min(kept, key=unit).id}
-    return [c for c in kept if c.id not in val_ids], [c for c in kept if c.id in val_ids]
-
-
-def _output(c: Candidate, fmt: str) -> dict[str, Any]:
-    meta = dict(c.record["meta"])
-    meta["instruction"] = c.instruction
-    if c.system:
-        meta["system"] = c.system
-    meta["tokens"] = {"prompt": c.prompt_tokens, "completion": c.completion_tokens}
-    completion: Any = (
-        c.completion if fmt == "completion" else [{"role": "assistant", "content": c.completion}]
-    )
-    out = {"id": c.id, "prompt": c.prompt, "completion": completion, "meta": meta}
-    if "provenance" in c.record:
-        out["provenance"] = c.record["provenance"]
-    return out
-
-
-def _length_line(c: Candidate, max_len: int, rejected_ids: set[str]) -> dict[str, Any]:
-    return {
-        "id": c.id,
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.completion_tokens,
-        "total_tokens": c.total_tokens,
-        "over_length": c.total_tokens > max_len,
-        "truncated": c.total_tokens > max_len and c.id not in rejected_ids,
-        "kept": c.id not in rejected_ids,
-    }
-
-
-def _clean_preferences(
-    preferences: Sequence[dict[str, Any]],
-    leak_filters: Sequence[Filter],
-    tokenizer: Any,
-    fmt: str,
-    special: set[int],
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Imported triples: the prompt gets the model's format; leakage and contamination apply."""
-    kept, rejected = [], []
-    for p in preferences:
-        c = Candidate(
-            record=p, instruction=normalize_text(p["prompt"]), system=None, completion=p["chosen"]
-        )
-        c.prompt = render(c.instruction, fmt)
-        texts = [c.instruction, p["chosen"], p["rejected"]]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        c.special_hits = sorted({i for row in ids for i in row if i in special})
-        reason = None
-        for f in [*leak_filters, contamination_filter(tokenizer)]:
-            reason = f(c)
-            if reason is not None:
-                break
-        if reason is not None:
-            rejected.append(
-                {
-                    "id": c.id,
-                    "reason": reason[0],
-                    "detail": reason[1],
-                    "record": p,
-                    "kind": "preference",
-                }
-            )
-            continue
-        out = {"id": c.id, "prompt": c.prompt, "chosen": p["chosen"], "rejected": p["rejected"]}
-        if fmt == "chat":
-            out["chosen"] = [{"role": "assistant", "content": p["chosen"]}]
-            out["rejected"] = [{"role": "assistant", "content": p["rejected"]}]
-        out["meta"] = {**p.get("meta", {}), "instruction": c.instruction}
-        if "provenance" in p:
-            out["provenance"] = p["provenance"]
-        kept.append(out)
-    return kept, rejected
-
-
-def percentile(values: Sequence[int], q: float) -> int:
-    """Nearest-rank percentile (0 for no values)."""
-    if not values:
-        return 0
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def _metrics(

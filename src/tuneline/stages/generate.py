@@ -6,8 +6,12 @@ Reads:   ``paths.seed_dir``: ``destinations.jsonl`` and ``train_phrasings.json``
          default ``paths.base_model``) when enabled; ``generate.sources.import.path`` when enabled.
 Writes:  ``paths.generated``/``sft.jsonl``, ``paths.generated``/``preferences.jsonl`` (imported
          preference triples, possibly empty), ``paths.metrics``/``generate.json``.
-Params:  ``seed``, ``paths``, ``model`` (dtype/device for the teacher; the teacher is always
-         prompted in completion format), ``generate``.
+Params:  ``task``, ``seed``, ``paths``, ``model`` (dtype/device for the teacher; the teacher
+         is always prompted in completion format), ``generate``.
+
+The template and teacher sources come from the task (``tuneline.tasks``; travel: the
+knowledge base and phrasings, ``tuneline.datagen.travel``); a task without them (generic)
+imports data only.
 
 Records follow TRL's prompt/completion convention: ``prompt`` is the raw instruction (the
 prompt format is applied in ``clean``), ``completion`` the answer text (canonical envelope

@@ -7,16 +7,20 @@ Reads:  ``paths.clean``/train.jsonl (chosen = each record's valid envelope), the
 Writes: ``paths.pairs``/train.jsonl — ``{"id", "prompt", "chosen", "rejected", "meta":
         {"strategy", ...}}`` with the prompt in the model format and plain completions (the
         trainer appends the terminator); ``paths.metrics``/pairs.json (counts per strategy).
-Params: ``pairs``, ``seed``, ``model.format`` (and ``model`` for on-policy sampling).
+Params: ``task``, ``pairs``, ``seed``, ``model.format`` (and ``model`` for on-policy sampling).
 
-Every diverse negative fails the contract (parse, schema, or a task check with the
-record's ``meta.expect``) while its chosen passes; a candidate that would pass is not
-used. Strategies: drop_field (a required root field removed), array_root (the object
-wrapped in an array), truncate (cut mid-envelope), invalid_json (a syntax error),
-off_topic (another record's envelope that fails this record's task checks),
-wrong_payload_type (an envelope of another payload type, or this one relabelled),
-repeat_item (the longest list repeats one of its items until a length limit cuts the text:
-the loop greedy decoding of a small model falls into).
+Every diverse negative fails the contract (``Contract.judge``: parse, schema, or a task
+check with the record's ``meta.expect``) while its chosen passes; a candidate that would
+pass is not used. Generic strategies: drop_field (a required root field removed),
+array_root (the object wrapped in an array), truncate (cut mid-envelope), invalid_json (a
+syntax error), repeat_item (the longest list repeats one of its items until a length limit
+cuts the text: the loop greedy decoding of a small model falls into). The task adds its
+own (``tuneline.tasks``; travel: off_topic, another record's envelope that fails this
+record's task checks, and wrong_payload_type, an envelope of another payload type or this
+one relabelled); a strategy the task lacks is refused.
+
+On-policy: ``pairs.on_policy_k`` samples per prompt from ``tuneline.generation.generate``
+(seeded with ``seed``, with mean log-probs); best vs worst by ``Verdict.score`` then log-prob.
 """
 
 from __future__ import annotations
