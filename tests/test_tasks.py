@@ -106,3 +106,11 @@ def test_travel_task_keeps_its_destination_filter(tmp_path, tiny_model_dir):
     metrics = clean.run(params)
     assert metrics["rejected_by_reason"]["probe_destination"] == 1
     assert read_json(tmp_path / "metrics" / "clean.json")["leakage_hits"] == 1
+
+
+def test_default_params_pick_the_travel_task_and_its_probe_strata():
+    params = parse_params({})
+    assert params.task == "travel" and params.probe.stratify_by is None
+    assert tasks.get(params.task).stratify_by == ("payload_type",)
+    with pytest.raises(InputError, match="task"):
+        parse_params({"task": "cooking"})

@@ -6,7 +6,7 @@ Reads:  the probe suite (``probe.suite``, default ``paths.probe_suite``), the co
 Writes: ``<metrics>/probe/<MODEL>.json``, ``<reports>/probe/<MODEL>.samples.jsonl`` (every
         output with its parse, validation and task-check results) and
         ``<reports>/probe/<MODEL>.failures.jsonl`` (failures grouped by cause).
-Params: ``model``, ``paths``, ``seed`` and ``probe.*``.
+Params: ``task``, ``model``, ``paths``, ``seed`` and ``probe.*``.
 
 One process loads the base once and applies the model's adapter on top (none for the
 base); models are never loaded side by side. Prompts are rendered in the model's format
