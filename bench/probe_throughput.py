@@ -56,7 +56,8 @@ def main() -> None:
     rows = []
     outputs = {}
     for name, batch in [("one at a time", 1), (f"batched ({args.batch})", args.batch)]:
-        results, seconds = generate(loaded, prompt_ids, batch_size=batch, **common, desc=name)
+        generated, seconds = generate(loaded, prompt_ids, batch_size=batch, **common, desc=name)
+        results = [r for (r,) in generated]
         tokens = sum(r.n_tokens for r in results)
         outputs[name] = [r.text for r in results]
         rows.append({"variant": name, "prompts": len(results), "new_tokens": tokens, "seconds": seconds,

@@ -301,3 +301,40 @@ def test_failure_cause_categories(contract):
     )
     other = envelope(payload_type="poem")
     assert failure_cause(Parsed(other, True), contract.validate(other), "stop") == "other"
+
+
+# -- the one verdict ---------------------------------------------------------------------
+
+JUDGE_EXPECT = {"payload_type": "checklist", "payload.destination": "Lisbon"}
+
+
+def test_judge_passes_a_valid_envelope_and_scores_it(contract):
+    text = json.dumps(envelope())
+    v = contract.judge(text, {"payload_type": envelope()["payload_type"]}, "eos")
+    assert v.parsed and v.valid and v.passes and v.cause == "ok" and v.errors == []
+    assert v.score == 2 and v.fields_present == contract.schema["required"]
+
+
+def test_judge_parse_failure_has_all_checks_false_and_no_schema_errors(contract):
+    v = contract.judge("I cannot help with that.", JUDGE_EXPECT, "eos")
+    assert not v.parsed and not v.valid and not v.passes and v.value is None
+    assert v.checks == {"payload_type": False, "destination": False}  # keyed like task_checks
+    assert v.errors == [] and v.parse_error.startswith("no JSON value found")
+    assert v.cause == "invalid_json" and v.score == 0 and v.fields_present == []
+    cut = contract.judge(json.dumps(envelope())[:40], JUDGE_EXPECT, None)
+    assert cut.cause == "truncated" and cut.checks == {"payload_type": False, "destination": False}
+
+
+def test_judge_strict_refuses_what_lenient_parsing_accepts(contract):
+    fenced = "```json\n" + json.dumps(envelope()) + "\n```"
+    assert contract.judge(fenced, {}).parsed
+    strict = contract.judge(fenced, {}, strict=True)
+    assert not strict.parsed and strict.parse_error.startswith("Expecting value")
+    dup = contract.judge('{"summary": "a", "summary": "b"}', {}, strict=True)
+    assert not dup.parsed and "duplicate" in dup.parse_error
+
+
+def test_judge_names_the_first_failing_check(contract):
+    v = contract.judge(json.dumps(envelope()), {"payload.destination": "Tokyo", "payload_type": "budget"})
+    assert v.valid and not v.passes and v.cause == "wrong_destination" and v.score == 1
+    assert contract.judge_value(envelope(), {}).passes

@@ -12,6 +12,9 @@ from tuneline.contract import load_contract, parse_lenient
 from tuneline.errors import InputError
 from tuneline.records import read_jsonl, write_jsonl
 from tuneline.stages import pairs
+from tuneline.tasks import travel
+
+ALL_STRATEGIES = {**pairs.STRATEGIES, **travel.TASK.negatives}
 
 
 def _records() -> list[dict]:
@@ -21,7 +24,7 @@ def _records() -> list[dict]:
     return records
 
 
-@pytest.mark.parametrize("strategy", sorted(pairs.STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(ALL_STRATEGIES))
 def test_each_strategy_rejected_fails_chosen_passes(strategy: str) -> None:
     contract = load_contract(SCHEMA)
     records = _records()
@@ -30,20 +33,20 @@ def test_each_strategy_rejected_fails_chosen_passes(strategy: str) -> None:
     for pair in made:
         expect = pair["meta"]["expect"]
         assert pair["meta"]["strategy"] == strategy
-        assert pairs.judge(contract, pair["chosen"], expect)["passes"]
-        verdict = pairs.judge(contract, pair["rejected"], expect)
-        assert not verdict["passes"]
+        assert contract.judge(pair["chosen"], expect).passes
+        verdict = contract.judge(pair["rejected"], expect)
+        assert not verdict.passes
         assert pair["rejected"] != pair["chosen"]
         if strategy in ("truncate", "invalid_json"):
             assert not parse_lenient(pair["rejected"]).ok
         if strategy == "array_root":
             assert isinstance(parse_lenient(pair["rejected"]).value, list)
         if strategy == "drop_field":
-            assert not verdict["valid"]
+            assert not verdict.valid
         if strategy == "off_topic":
-            assert verdict["valid"] and not verdict["checks"]["destination"]
+            assert verdict.valid and not verdict.checks["destination"]
         if strategy == "wrong_payload_type":
-            assert not verdict["checks"]["payload_type"]
+            assert not verdict.checks["payload_type"]
         if strategy == "repeat_item":
             # cut mid-loop at twice the envelope's length; the tail is one item over and over
             assert not parse_lenient(pair["rejected"]).ok
@@ -71,7 +74,7 @@ def test_run_counts_strategies_imports_and_is_seeded(tmp_path: Path, tiny_model_
     rows = read_jsonl(out)
     assert metrics["pairs"] == len(rows) == 11
     assert sum(metrics["per_strategy"].values()) == 11 and metrics["per_strategy"]["imported"] == 1
-    assert set(metrics["per_strategy"]) == {*pairs.STRATEGIES, "imported"}
+    assert set(metrics["per_strategy"]) == {*ALL_STRATEGIES, "imported"}
     assert all(r["meta"]["strategy"] for r in rows)
     imported = next(r for r in rows if r["meta"]["strategy"] == "imported")
     assert imported["prompt"] == "### Instruction\nPlan a day in Rome.\n\n### Response\n"

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneline.contract import load_contract
+from tuneline.contract import load_contract, load_suite
 from tuneline.errors import InputError
 from tuneline.params import parse_params
 from tuneline.records import read_json, read_jsonl
@@ -205,10 +205,10 @@ def test_load_suite_refuses_inconsistent_expect_keys(tmp_path):
     del lines[1]["expect"]["payload.destination"]
     path = write_suite(tmp_path / "s.jsonl", lines)
     with pytest.raises(InputError, match=r"s.jsonl:2: expect keys"):
-        probe.load_suite(path)
+        load_suite(path)
     (tmp_path / "bad.jsonl").write_text('{"id": "x", "instruction": 3, "expect": {}}\n')
     with pytest.raises(InputError, match=r"bad.jsonl:1: field 'instruction'"):
-        probe.load_suite(tmp_path / "bad.jsonl")
+        load_suite(tmp_path / "bad.jsonl")
 
 
 def test_unknown_model_is_refused(tmp_path, tiny_model_dir):
@@ -278,10 +278,11 @@ def test_probe_is_deterministic_and_batching_does_not_change_outputs(tmp_path, n
 
 def test_generation_stops_at_eos_and_counts_it(noisy_model_dir):
     from tuneline import modeling
+    from tuneline.generation import generate
 
     loaded = modeling.load(noisy_model_dir, parse_params({"model": {"device": "cpu"}}).model)
     ids = loaded.encode(["### Instruction\nPlan a trip to Lisbon\n\n### Response\n"])
-    [free], _ = probe.generate(
+    [[free]], _ = generate(
         loaded, ids, batch_size=1, max_new_tokens=8, do_sample=False, temperature=1.0, top_p=1.0
     )
     assert free.finish_reason == "length" and free.n_tokens == 8
@@ -289,7 +290,7 @@ def test_generation_stops_at_eos_and_counts_it(noisy_model_dir):
     stop = tokens[3]
     first = tokens.index(stop)
     loaded.model.generation_config.eos_token_id = [stop]
-    [stopped], _ = probe.generate(
+    [[stopped]], _ = generate(
         loaded, ids, batch_size=1, max_new_tokens=8, do_sample=False, temperature=1.0, top_p=1.0
     )
     assert stopped.finish_reason == "eos"

@@ -47,6 +47,20 @@ API
     is keyed by the path's last component (``destination``), or by the full path when two
     paths share a last component.
 
+``Contract.judge(text, expect, finish_reason=None, *, strict=False) -> Verdict``
+    The one verdict on a text, used by ``probe`` (model outputs), ``pairs`` (chosen,
+    rejected and on-policy samples) and ``clean`` (training completions): parse
+    (``parse_lenient``; with ``strict`` one strict JSON value, ``records.loads_strict``),
+    validate, run the task checks and name the failure cause. ``Contract.judge_value``
+    judges an already parsed value the same way.
+
+    A text that does not parse has no value at any path, so its task checks are all
+    False (keyed as ``task_checks`` keys them), never missing; its schema ``errors`` are
+    empty (the reason is ``parse_error``) and it is neither valid nor passing. ``cause``
+    is ``failure_cause``'s category, or ``wrong_<check>`` (the first failing check) for a
+    valid value that fails a task check. ``passes`` is valid with every check true;
+    ``score`` is ``int(valid) + number of true checks`` (a ranking of samples).
+
 ``failure_cause(parsed, errors, finish_reason) -> str``
     One short category for grouping failures: ``ok``, ``truncated`` (generation hit the
     token limit, or the JSON was cut off), ``invalid_json``, ``wrong_root_type``,
@@ -68,6 +82,7 @@ from jsonschema import exceptions as schema_exceptions
 from jsonschema import validators
 
 from tuneline.errors import InputError
+from tuneline.records import read_jsonl
 
 _SHORT = 60
 
@@ -79,6 +94,28 @@ class Parsed:
     value: Any
     ok: bool
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How one text fares against the contract (see ``Contract.judge``)."""
+
+    parsed: bool
+    parse_error: str | None
+    value: Any
+    valid: bool
+    errors: list[str]
+    checks: dict[str, bool]
+    fields_present: list[str]
+    cause: str
+
+    @property
+    def passes(self) -> bool:
+        return self.valid and all(self.checks.values())
+
+    @property
+    def score(self) -> int:
+        return int(self.valid) + sum(self.checks.values())
 
 
 @dataclass(frozen=True)
@@ -97,6 +134,38 @@ class Contract:
             for err in _leaf_errors(self._validator.iter_errors(obj))
         }
         return [text for _, text in sorted(found)]
+
+    def judge(
+        self, text: str, expect: Mapping[str, Any], finish_reason: str | None = None, *, strict: bool = False
+    ) -> Verdict:
+        """Parse, validate and task-check one text (see the module docstring)."""
+        parsed = _parse_strict(text) if strict else parse_lenient(text)
+        return self._verdict(parsed, expect, finish_reason)
+
+    def judge_value(self, value: Any, expect: Mapping[str, Any], finish_reason: str | None = None) -> Verdict:
+        """The verdict on an already parsed value."""
+        return self._verdict(Parsed(value, True, None), expect, finish_reason)
+
+    def _verdict(self, parsed: Parsed, expect: Mapping[str, Any], finish_reason: str | None) -> Verdict:
+        errors = self.validate(parsed.value) if parsed.ok else []
+        checks = task_checks(parsed.value if parsed.ok else None, expect)
+        cause = failure_cause(parsed, errors, finish_reason)
+        if cause == "ok":
+            failed = [name for name, ok in checks.items() if not ok]
+            if failed:
+                cause = f"wrong_{failed[0]}"
+        value = parsed.value
+        root = self.schema.get("required", [])
+        return Verdict(
+            parsed=parsed.ok,
+            parse_error=parsed.error,
+            value=value,
+            valid=parsed.ok and not errors,
+            errors=errors,
+            checks=checks,
+            fields_present=[f for f in root if isinstance(value, dict) and f in value],
+            cause=cause,
+        )
 
     def is_valid(self, obj: Any) -> bool:
         return not self.validate(obj)
@@ -169,6 +238,15 @@ def parse_lenient(text: str) -> Parsed:
         if later is not None:
             value = later
     return Parsed(value, True, None)
+
+
+def _parse_strict(text: str) -> Parsed:
+    from tuneline.records import loads_strict
+
+    try:
+        return Parsed(loads_strict(text), True, None)
+    except ValueError as exc:
+        return Parsed(None, False, str(exc))
 
 
 def task_checks(obj: Any, expect: Mapping[str, Any]) -> dict[str, bool]:
@@ -341,3 +419,21 @@ _ERROR_LINE = re.compile(r"^(\$(?:\.[^.\[:\s]+|\[\d+\]|\['(?:[^'\\]|\\.)*'\])*):
 def _split_error(text: str) -> tuple[str, str]:
     m = _ERROR_LINE.match(text)
     return (m.group(1), m.group(2)) if m else ("$", text)
+
+
+SUITE_FIELDS: dict[str, type | tuple[type, ...]] = {"instruction": str, "expect": dict}
+
+
+def load_suite(path: str | Path) -> list[dict[str, Any]]:
+    """Suite lines, strictly; every line must expect the same dotted paths."""
+    suite = read_jsonl(path, required=SUITE_FIELDS)
+    keys = list(suite[0]["expect"])
+    for number, line in enumerate(suite, start=1):
+        if list(line["expect"]) != keys:
+            raise InputError(
+                f"{path}:{number}: expect keys {list(line['expect'])} differ from the first line's {keys}; "
+                "every suite line must check the same fields"
+            )
+        if not line["instruction"].strip():
+            raise InputError(f"{path}:{number}: instruction is empty")
+    return suite

@@ -276,7 +276,7 @@ class ProbeParams(Section):
     do_sample: bool = False
     temperature: PositiveFloat = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    stratify_by: list[str] = Field(default_factory=lambda: ["payload_type"])  # expect keys
+    stratify_by: list[str] | None = None  # expect keys; None: the task's (travel: payload_type)
     # Merge the adapter into the base weights before generating: the same function up to
     # float rounding, and no LoRA side matmuls per token. Never done for nf4 bases.
     merge_adapter: bool = True
@@ -303,6 +303,7 @@ class ArchiveParams(Section):
 
 class Params(Section):
     seed: NonNegativeInt = 0
+    task: Literal["travel", "generic"] = "travel"  # tuneline.tasks: the domain plug-in
     paths: PathsParams = PathsParams()
     model: ModelParams = ModelParams()
     compute: ComputeParams = ComputeParams()

@@ -2,29 +2,25 @@
 
 The teacher is always prompted in completion format (no chat template, no special tokens
 added, sentinel-checked by ``Loaded.encode``): k gold examples as shots, then the request,
-using ``prompting.few_shot``. Generation is batched with left padding; each batch is seeded
-(``seed + batch index``) so a run is reproducible on the same hardware. A sample ends at
-the end-of-sequence token, at the start of a new ``### Instruction`` block (the model
-starting another shot), or at ``max_new_tokens`` (finish reason ``length``).
+using ``prompting.few_shot``. Generation is ``tuneline.generation.generate`` (longest first,
+left padding, seeded once with ``seed`` so a run is reproducible on the same hardware;
+greedy at temperature 0). A sample ends at a stop token (finish reason ``eos``), at the
+start of a new ``### Instruction`` block (the model starting another shot: ``stop``), or at
+``max_new_tokens`` (``length``); its text is stripped.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
+from tuneline import generation
+from tuneline.generation import Generation
 from tuneline.prompting import INSTRUCTION_HEADER, few_shot
 
 STOP_TEXT = "\n" + INSTRUCTION_HEADER.strip()
-
-
-@dataclass(frozen=True)
-class Sample:
-    text: str
-    finish_reason: str  # "stop" or "length"
-    n_tokens: int
 
 
 def pick_shots(
@@ -55,68 +51,20 @@ def generate(
     batch_size: int,
     seed: int,
     progress: bool = True,
-) -> list[list[Sample]]:
+) -> list[list[Generation]]:
     """``n_samples`` samples for each prompt, in prompt order."""
-    import torch
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
+    outputs, _ = generation.generate(
+        loaded,
+        loaded.encode(list(prompts)),
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature,
+        top_p=top_p,
+        n=n_samples,
+        seed=seed,
+        stop_texts=[STOP_TEXT],
+        desc="teacher",
+        progress=progress,
     )
-
-    tokenizer = loaded.tokenizer
-    encoded = loaded.encode(list(prompts))
-    pad_id = tokenizer.pad_token_id
-    eos_id = tokenizer.eos_token_id
-    sampling: dict[str, Any] = {"do_sample": temperature > 0}
-    if temperature > 0:
-        sampling.update(temperature=temperature, top_p=top_p)
-    results: list[list[Sample]] = []
-    batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
-    columns = (TextColumn("teacher"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
-        task = bar.add_task("teacher", total=len(prompts))
-        for index, batch in enumerate(batches):
-            width = max(len(ids) for ids in batch)
-            input_ids = torch.tensor(
-                [[pad_id] * (width - len(ids)) + ids for ids in batch], device=loaded.device
-            )
-            attention = torch.tensor(
-                [[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=loaded.device
-            )
-            torch.manual_seed(seed + index)
-            with torch.no_grad():
-                out = loaded.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention,
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=n_samples,
-                    pad_token_id=pad_id,
-                    eos_token_id=eos_id,
-                    **sampling,
-                )
-            new_tokens = out[:, width:].tolist()
-            for p in range(len(batch)):
-                results.append(
-                    [
-                        _sample(tokenizer, new_tokens[p * n_samples + s], eos_id)
-                        for s in range(n_samples)
-                    ]
-                )
-            bar.advance(task, len(batch))
-    return results
-
-
-def _sample(tokenizer: Any, tokens: list[int], eos_id: int) -> Sample:
-    finish = "length"
-    if eos_id in tokens:
-        tokens = tokens[: tokens.index(eos_id)]
-        finish = "stop"
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    if STOP_TEXT in text:
-        text = text[: text.index(STOP_TEXT)]
-        finish = "stop"
-    return Sample(text=text.strip(), finish_reason=finish, n_tokens=len(tokens))
+    return [[replace(g, text=g.text.strip()) for g in group] for group in outputs]

@@ -6,8 +6,12 @@ Reads:   ``paths.seed_dir``: ``destinations.jsonl`` and ``train_phrasings.json``
          default ``paths.base_model``) when enabled; ``generate.sources.import.path`` when enabled.
 Writes:  ``paths.generated``/``sft.jsonl``, ``paths.generated``/``preferences.jsonl`` (imported
          preference triples, possibly empty), ``paths.metrics``/``generate.json``.
-Params:  ``seed``, ``paths``, ``model`` (dtype/device for the teacher; the teacher is always
-         prompted in completion format), ``generate``.
+Params:  ``task``, ``seed``, ``paths``, ``model`` (dtype/device for the teacher; the teacher
+         is always prompted in completion format), ``generate``.
+
+The template and teacher sources come from the task (``tuneline.tasks``; travel: the
+knowledge base and phrasings, ``tuneline.datagen.travel``); a task without them (generic)
+imports data only.
 
 Records follow TRL's prompt/completion convention: ``prompt`` is the raw instruction (the
 prompt format is applied in ``clean``), ``completion`` the answer text (canonical envelope
@@ -28,39 +32,37 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tuneline import tasks
 from tuneline.contract import Contract, load_contract, parse_lenient
-from tuneline.datagen import imports, teacher, travel
+from tuneline.datagen import imports, teacher
+from tuneline.errors import InputError
 from tuneline.params import Params
 from tuneline.provenance import sha256_file, stamp
 from tuneline.records import read_jsonl, write_json, write_jsonl
 
-KNOWLEDGE_BASE = "destinations.jsonl"
-PHRASINGS = "train_phrasings.json"
 GOLD = "gold.jsonl"
 
 
 def run(params: Params) -> dict[str, Any]:
     sources = params.generate.sources
-    seed_dir = Path(params.paths.seed_dir)
+    task = tasks.get(params.task)
     contract = load_contract(params.paths.schema_file)
     records: list[dict[str, Any]] = []
     preferences: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
 
     needs_templates = sources.template.enabled or sources.teacher.enabled
-    examples = _template_examples(params, seed_dir) if needs_templates else []
+    if needs_templates and task.examples is None:
+        raise InputError(
+            f"generate.sources.template/teacher: task {task.name!r} has no template source; "
+            "disable them (generate.sources.template.enabled: false) and import data, or pick a task that has one"
+        )
+    examples = task.examples(params) if needs_templates else []
     if sources.template.enabled:
-        provenance = {
-            "source": "template",
-            "generator": _generator_version(),
-            "seed": params.seed,
-            "knowledge_base_sha256": sha256_file(seed_dir / KNOWLEDGE_BASE),
-            "phrasings_sha256": sha256_file(seed_dir / PHRASINGS),
-        }
-        made = [_template_record(e, provenance, contract) for e in examples]
+        made = [task.template_record(e, params, contract) for e in examples]
         records += _cap(made, sources.template.max_records, params.seed, "template")
     if sources.teacher.enabled:
-        made, details["teacher"] = _teacher_records(params, seed_dir, examples, contract)
+        made, details["teacher"] = _teacher_records(params, task, examples, contract)
         records += _cap(made, sources.teacher.max_records, params.seed, "teacher")
     if sources.imported.enabled:
         made, prefs, details["import"] = _import_records(params)
@@ -86,60 +88,21 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
-# -- template ----------------------------------------------------------------------------
-
-
-def _template_examples(params: Params, seed_dir: Path) -> list[travel.Example]:
-    return travel.template_examples(
-        travel.load_destinations(seed_dir / KNOWLEDGE_BASE),
-        travel.load_phrasings(seed_dir / PHRASINGS),
-        seed=params.seed,
-        variants=params.generate.sources.template.variants,
-    )
-
-
-def _generator_version() -> str:
-    return "travel-" + sha256_file(travel.__file__)[:12]
-
-
-def _template_record(
-    e: travel.Example, provenance: dict[str, Any], contract: Contract
-) -> dict[str, Any]:
-    return {
-        "id": f"tpl-{e.key}",
-        "prompt": e.instruction,
-        "completion": contract.canonical_text(e.envelope),
-        "meta": {
-            "instruction": e.instruction,
-            "source": "template",
-            "payload_type": e.payload_type,
-            "destination": e.destination,
-            "expect": {"payload_type": e.payload_type, "payload.destination": e.destination},
-            "phrasing": e.phrasing,
-            "profile": e.profile,
-        },
-        "provenance": dict(provenance),
-    }
-
-
 # -- teacher -----------------------------------------------------------------------------
 
 
 def _teacher_records(
-    params: Params, seed_dir: Path, examples: Sequence[travel.Example], contract: Contract
+    params: Params, task: tasks.Task, examples: Sequence[Any], contract: Contract
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from tuneline import modeling
 
     tp = params.generate.sources.teacher
-    gold = read_jsonl(
-        seed_dir / GOLD,
-        required={"instruction": str, "payload_type": str, "destination": str, "completion": dict},
-    )
+    gold = read_jsonl(Path(params.paths.seed_dir) / GOLD, required=dict(task.gold_fields))
     rng = random.Random(f"{params.seed}:teacher")
     requests = list(examples)
     if tp.max_prompts is not None and tp.max_prompts < len(requests):
         requests = [requests[i] for i in sorted(rng.sample(range(len(requests)), tp.max_prompts))]
-    shots_for = [travel_shots(gold, tp.shots, e, params.seed) for e in requests]
+    shots_for = [task.shots(gold, tp.shots, e, params.seed) for e in requests]
     prompts = [
         teacher.shot_prompt(
             [(g["instruction"], contract.canonical_text(g["completion"])) for g in shots],
@@ -190,18 +153,7 @@ def _teacher_records(
                     "id": f"teacher-{e.key}-{s}",
                     "prompt": e.instruction,
                     "completion": completion,
-                    "meta": {
-                        "instruction": e.instruction,
-                        "source": "teacher",
-                        "payload_type": e.payload_type,
-                        "destination": e.destination,
-                        "expect": {
-                            "payload_type": e.payload_type,
-                            "payload.destination": e.destination,
-                        },
-                        "phrasing": e.phrasing,
-                        "profile": e.profile,
-                    },
+                    "meta": task.example_meta(e, "teacher"),
                     "provenance": {
                         "source": "teacher",
                         "teacher": teacher_ref,
@@ -225,14 +177,6 @@ def _teacher_records(
         "decoding": decoding,
     }
     return records, stats
-
-
-def travel_shots(
-    gold: Sequence[dict[str, Any]], k: int, e: travel.Example, seed: int
-) -> list[dict[str, Any]]:
-    """Gold shots for one request: seeded per request, never showing its own destination."""
-    pool = [g for g in gold if g["destination"] != e.destination]
-    return teacher.pick_shots(pool, k, e.payload_type, random.Random(f"{seed}:shots:{e.key}"))
 
 
 # -- import ------------------------------------------------------------------------------

@@ -7,16 +7,20 @@ Reads:  ``paths.clean``/train.jsonl (chosen = each record's valid envelope), the
 Writes: ``paths.pairs``/train.jsonl — ``{"id", "prompt", "chosen", "rejected", "meta":
         {"strategy", ...}}`` with the prompt in the model format and plain completions (the
         trainer appends the terminator); ``paths.metrics``/pairs.json (counts per strategy).
-Params: ``pairs``, ``seed``, ``model.format`` (and ``model`` for on-policy sampling).
+Params: ``task``, ``pairs``, ``seed``, ``model.format`` (and ``model`` for on-policy sampling).
 
-Every diverse negative fails the contract (parse, schema, or a task check with the
-record's ``meta.expect``) while its chosen passes; a candidate that would pass is not
-used. Strategies: drop_field (a required root field removed), array_root (the object
-wrapped in an array), truncate (cut mid-envelope), invalid_json (a syntax error),
-off_topic (another record's envelope that fails this record's task checks),
-wrong_payload_type (an envelope of another payload type, or this one relabelled),
-repeat_item (the longest list repeats one of its items until a length limit cuts the text:
-the loop greedy decoding of a small model falls into).
+Every diverse negative fails the contract (``Contract.judge``: parse, schema, or a task
+check with the record's ``meta.expect``) while its chosen passes; a candidate that would
+pass is not used. Generic strategies: drop_field (a required root field removed),
+array_root (the object wrapped in an array), truncate (cut mid-envelope), invalid_json (a
+syntax error), repeat_item (the longest list repeats one of its items until a length limit
+cuts the text: the loop greedy decoding of a small model falls into). The task adds its
+own (``tuneline.tasks``; travel: off_topic, another record's envelope that fails this
+record's task checks, and wrong_payload_type, an envelope of another payload type or this
+one relabelled); a strategy the task lacks is refused.
+
+On-policy: ``pairs.on_policy_k`` samples per prompt from ``tuneline.generation.generate``
+(seeded with ``seed``, with mean log-probs); best vs worst by ``Verdict.score`` then log-prob.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tuneline.contract import Contract, load_contract, parse_lenient, task_checks
+from tuneline import tasks
+from tuneline.contract import Contract, load_contract
 from tuneline.errors import InputError
 from tuneline.params import Params
 from tuneline.prompting import render
@@ -37,21 +42,6 @@ from tuneline.records import read_jsonl, write_json, write_jsonl, written
 
 RECORD_FIELDS = {"prompt": (str, list), "completion": str, "meta": dict}
 PREFERENCE_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
-
-
-def judge(contract: Contract, text: str, expect: dict[str, Any]) -> dict[str, Any]:
-    """How a completion fares against the contract: parsed, schema-valid, task checks."""
-    parsed = parse_lenient(text)
-    errors = contract.validate(parsed.value) if parsed.ok else [parsed.error or "unparsable"]
-    checks = task_checks(parsed.value, expect) if parsed.ok else {k: False for k in expect}
-    valid = parsed.ok and not errors
-    return {
-        "parsed": parsed.ok,
-        "valid": valid,
-        "checks": checks,
-        "passes": valid and all(checks.values()),
-        "score": int(valid) + sum(checks.values()),
-    }
 
 
 # -- diverse negatives -------------------------------------------------------------------
@@ -91,47 +81,6 @@ def invalid_json(record: dict[str, Any], pool: list[dict[str, Any]], contract: C
     return text.replace('":', "':").replace(',"', ",'").replace('{"', "{'")
 
 
-def _others(record: dict[str, Any], pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in pool if r["completion"] != record["completion"]]
-
-
-def off_topic(record: dict[str, Any], pool: list[dict[str, Any]], contract: Contract, rng: random.Random) -> str | None:
-    """Another record's valid envelope that fails this record's task checks (another
-    destination), preferring one of the same payload type so only the topic is wrong."""
-    expect = record["meta"].get("expect", {})
-    topic_keys = [k for k in expect if k != "payload_type"]
-    if not topic_keys:
-        return None
-    sub = {k: expect[k] for k in topic_keys}
-    candidates = [r for r in _others(record, pool) if not all(task_checks(json.loads(r["completion"]), sub).values())]
-    same_type = [r for r in candidates if r["meta"].get("payload_type") == record["meta"].get("payload_type")]
-    chosen = same_type or candidates
-    return rng.choice(chosen)["completion"] if chosen else None
-
-
-def wrong_payload_type(record: dict[str, Any], pool: list[dict[str, Any]], contract: Contract, rng: random.Random) -> str | None:
-    """An envelope of another payload type: another record's for the same topic when one
-    exists, else this envelope relabelled with another allowed payload type."""
-    expect = record["meta"].get("expect", {})
-    if "payload_type" not in expect:
-        return None
-    topic = {k: v for k, v in expect.items() if k != "payload_type"}
-    others = [
-        r for r in _others(record, pool)
-        if not task_checks(json.loads(r["completion"]), {"payload_type": expect["payload_type"]})["payload_type"]
-    ]
-    same_topic = [r for r in others if all(task_checks(json.loads(r["completion"]), topic).values())]
-    if same_topic:
-        return rng.choice(same_topic)["completion"]
-    allowed = contract.schema.get("properties", {}).get("payload_type", {}).get("enum", [])
-    choices = [t for t in allowed if t != expect["payload_type"]]
-    if not choices:
-        return rng.choice(others)["completion"] if others else None
-    obj = json.loads(record["completion"])
-    obj["payload_type"] = rng.choice(choices)
-    return contract.canonical_text(obj)
-
-
 def _lists(node: Any) -> list[list[Any]]:
     """Every list inside a parsed envelope, outermost first."""
     found: list[list[Any]] = []
@@ -166,35 +115,47 @@ STRATEGIES: dict[str, Strategy] = {
     "array_root": array_root,
     "truncate": truncate,
     "invalid_json": invalid_json,
-    "off_topic": off_topic,
-    "wrong_payload_type": wrong_payload_type,
 }
+
+
+def strategies_for(task: tasks.Task, names: list[str]) -> dict[str, Strategy]:
+    """The generic strategies and the task's negatives; InputError for a name neither has."""
+    known = {**STRATEGIES, **task.negatives}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(
+            f"pairs.strategies: {', '.join(map(repr, unknown))} not available for task {task.name!r} "
+            f"(allowed: {', '.join(known)})"
+        )
+    return known
 
 
 def negatives(
     records: list[dict[str, Any]], contract: Contract, strategies: list[str], per_record: int, seed: int,
-    path: Path,
+    path: Path, task: tasks.Task | None = None,
 ) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """``per_record`` pairs per record, strategies rotated so each is used about equally."""
+    """``per_record`` pairs per record, strategies rotated so each is used about equally
+    (``task``'s negatives are available by name; default: the travel task)."""
+    available = strategies_for(task or tasks.get("travel"), strategies)
     rng = random.Random(seed)
     pairs: list[dict[str, Any]] = []
     skipped: Counter[str] = Counter()
     turn = 0
     for record in records:
         expect = record["meta"].get("expect", {})
-        verdict = judge(contract, record["completion"], expect)
-        if not verdict["passes"]:
+        verdict = contract.judge(record["completion"], expect)
+        if not verdict.passes:
             raise InputError(
                 f"{path}:{record['_line']}: the completion of record {record['id']!r} fails the contract "
-                f"(valid={verdict['valid']}, checks={verdict['checks']}); pairs needs valid chosen envelopes"
+                f"(valid={verdict.valid}, checks={verdict.checks}); pairs needs valid chosen envelopes"
             )
         made = 0
         for offset in range(len(strategies)):
             if made == per_record:
                 break
             name = strategies[(turn + offset) % len(strategies)]
-            rejected = STRATEGIES[name](record, records, contract, rng)
-            if rejected is None or judge(contract, rejected, expect)["passes"]:
+            rejected = available[name](record, records, contract, rng)
+            if rejected is None or contract.judge(rejected, expect).passes:
                 skipped[name] += 1
                 continue
             pairs.append(
@@ -234,40 +195,15 @@ def imported(path: Path, fmt: str) -> list[dict[str, Any]]:
 
 def sample(loaded: Any, prompts: list[Any], params: Params) -> list[list[tuple[str, float]]]:
     """k samples per prompt with their mean token log-prob under the sampling model."""
-    import torch
+    from tuneline.generation import generate
 
     pp = params.pairs
-    tokenizer, model = loaded.tokenizer, loaded.model
-    pad = tokenizer.pad_token_id
-    torch.manual_seed(params.seed)
-    results: list[list[tuple[str, float]]] = []
-    for start in range(0, len(prompts), pp.on_policy_batch_size):
-        batch = [loaded.render_ids(p) for p in prompts[start : start + pp.on_policy_batch_size]]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=loaded.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=loaded.device)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=pp.on_policy_temperature,
-                top_p=pp.on_policy_top_p, max_new_tokens=pp.on_policy_max_new_tokens,
-                num_return_sequences=pp.on_policy_k, pad_token_id=pad, return_dict_in_generate=True,
-                output_logits=True,
-            )
-        generated = out.sequences[:, width:]
-        logits = torch.stack(out.logits, dim=1).float()
-        token_logps = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
-        eos = tokenizer.eos_token_id
-        for i in range(len(batch)):
-            group = []
-            for j in range(pp.on_policy_k):
-                row = i * pp.on_policy_k + j
-                ids = generated[row].tolist()
-                n = ids.index(eos) + 1 if eos in ids else len(ids)
-                text = tokenizer.decode(ids[:n], skip_special_tokens=True)
-                mean_logp = float(token_logps[row, :n].mean()) if n else float("-inf")
-                group.append((text, mean_logp))
-            results.append(group)
-    return results
+    outputs, _ = generate(
+        loaded, loaded.encode(prompts), batch_size=pp.on_policy_batch_size, max_new_tokens=pp.on_policy_max_new_tokens,
+        do_sample=True, temperature=pp.on_policy_temperature, top_p=pp.on_policy_top_p, n=pp.on_policy_k,
+        seed=params.seed, logprobs=True, desc="on-policy",
+    )
+    return [[(g.text, g.mean_logp) for g in group] for group in outputs]
 
 
 def on_policy(records: list[dict[str, Any]], contract: Contract, params: Params) -> list[dict[str, Any]]:
@@ -283,7 +219,7 @@ def on_policy(records: list[dict[str, Any]], contract: Contract, params: Params)
     for record, group in zip(chosen_records, samples, strict=True):
         expect = record["meta"].get("expect", {})
         scored = sorted(
-            ((judge(contract, text, expect)["score"], logp, text) for text, logp in group),
+            ((contract.judge(text, expect).score, logp, text) for text, logp in group),
             key=lambda s: (s[0], s[1]),
         )
         worst, best = scored[0], scored[-1]
@@ -315,7 +251,10 @@ def run(params: Params) -> dict[str, Any]:
         records = sorted(random.Random(params.seed).sample(records, pp.max_records), key=lambda r: r["_line"])
     contract = load_contract(params.paths.schema_file)
 
-    pairs, skipped = negatives(records, contract, list(pp.strategies), pp.negatives_per_record, params.seed, train_path)
+    task = tasks.get(params.task)
+    pairs, skipped = negatives(
+        records, contract, list(pp.strategies), pp.negatives_per_record, params.seed, train_path, task
+    )
     if pp.on_policy:
         pairs += on_policy(records, contract, params)
     preferences = Path(params.paths.generated) / "preferences.jsonl"

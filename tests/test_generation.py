@@ -1,0 +1,103 @@
+"""The one generation loop: batching, stop rules, sampling seeds and log-probs."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tuneline import modeling
+from tuneline.generation import generate
+from tuneline.params import parse_params
+
+PROMPTS = [
+    "### Instruction\n" + "Plan a trip. " * (1 + 2 * i) + city + "\n\n### Response\n"
+    for i, city in enumerate(["Lisbon", "Tokyo", "Paris", "Lisbon", "Tokyo"])
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir, tmp_path_factory):
+    """The tiny tokenizer with larger random weights (varied output), loaded in float32."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("noisy-gen")
+    for file in tiny_model_dir.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(file, out / file.name)
+    config = AutoConfig.from_pretrained(str(tiny_model_dir))
+    config.initializer_range = 0.2
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
+    return modeling.load(out, parse_params({"model": {"device": "cpu", "dtype": "float32"}}).model)
+
+
+def _texts(outputs):
+    return [[(g.text, g.finish_reason, g.n_tokens) for g in group] for group in outputs]
+
+
+def test_batched_equals_one_at_a_time_in_float32(loaded):
+    ids = loaded.encode(PROMPTS)
+    batched, _ = generate(loaded, ids, batch_size=3, max_new_tokens=8, progress=False)
+    alone, _ = generate(loaded, ids, batch_size=1, max_new_tokens=8, progress=False)
+    assert _texts(batched) == _texts(alone)
+    assert len({group[0].text for group in batched}) > 2  # outputs depend on the prompt
+    # results come back in prompt order: each equals its own single-prompt run
+    for i, prompt_ids in enumerate(ids):
+        [[single]], _ = generate(loaded, [prompt_ids], batch_size=1, max_new_tokens=8, progress=False)
+        assert (single.text, single.n_tokens) == (batched[i][0].text, batched[i][0].n_tokens)
+
+
+def test_stop_token_and_stop_text(loaded):
+    ids = loaded.encode(PROMPTS[:1])
+    [[free]], _ = generate(loaded, ids, batch_size=1, max_new_tokens=8, progress=False)
+    assert free.finish_reason == "length" and free.n_tokens == 8
+    cut_at = free.text[len(free.text) // 2 :][:3]
+    [[cut]], _ = generate(loaded, ids, batch_size=1, max_new_tokens=8, stop_texts=[cut_at], progress=False)
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.index(cut_at)]
+    assert cut.n_tokens == 8  # every generated token is counted
+    tokens = loaded.tokenizer(free.text, add_special_tokens=False)["input_ids"]
+    stop = tokens[2]
+    original = loaded.model.generation_config.eos_token_id
+    loaded.model.generation_config.eos_token_id = [stop]
+    try:
+        [[stopped]], _ = generate(loaded, ids, batch_size=1, max_new_tokens=8, progress=False)
+    finally:
+        loaded.model.generation_config.eos_token_id = original
+    first = tokens.index(stop)
+    assert stopped.finish_reason == "eos" and stopped.n_tokens == first + 1
+    assert stopped.text == loaded.tokenizer.decode(tokens[:first])
+
+
+def test_sampling_is_seeded_and_logprobs_match_a_forward_pass(loaded):
+    import torch
+
+    ids = loaded.encode(PROMPTS[:3])
+    kwargs = dict(batch_size=2, max_new_tokens=6, do_sample=True, temperature=1.0, top_p=1.0, n=2, progress=False)
+    a, _ = generate(loaded, ids, seed=7, logprobs=True, **kwargs)
+    b, _ = generate(loaded, ids, seed=7, logprobs=True, **kwargs)
+    assert _texts(a) == _texts(b) and all(len(group) == 2 for group in a)
+    # the mean log-prob is that of the generated tokens under a plain forward pass
+    checked = 0
+    for prompt_ids, group in zip(ids, a, strict=True):
+        for g in group:
+            new = loaded.tokenizer(g.text, add_special_tokens=False)["input_ids"]
+            if g.finish_reason == "eos":
+                new = [*new, loaded.tokenizer.eos_token_id]
+            if len(new) != g.n_tokens:  # decode/encode round trip not exact for this sample
+                continue
+            full = torch.tensor([prompt_ids + new])
+            with torch.inference_mode():
+                logits = loaded.model(full).logits[0, len(prompt_ids) - 1 : -1].float()
+            expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(new).unsqueeze(-1)).mean()
+            assert g.mean_logp == pytest.approx(float(expected), abs=1e-4)
+            checked += 1
+    assert checked >= 1
+    plain, _ = generate(loaded, ids, seed=7, **kwargs)
+    assert all(x.mean_logp is None for group in plain for x in group)
+
+
+def test_several_greedy_samples_are_refused(loaded):
+    with pytest.raises(ValueError, match="needs do_sample"):
+        generate(loaded, loaded.encode(PROMPTS[:1]), batch_size=1, max_new_tokens=2, n=2, progress=False)
