@@ -33,8 +33,8 @@ def main() -> None:
 
     from tuneline.contract import load_contract
     from tuneline.modeling import Loaded
+    from tuneline.negatives import negatives
     from tuneline.params import parse_params
-    from tuneline.tasks.travel import negatives
     from tuneline.training import dpo as dpo_training
     from tuneline.training import sft as sft_training
 

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from training_data import SCHEMA, clean_records, tiny_params, write_clean
+from tuneline import negatives
 from tuneline.contract import load_contract, parse_lenient
 from tuneline.errors import InputError
 from tuneline.records import read_jsonl, write_jsonl
 from tuneline.stages import pairs
 from tuneline.tasks import travel
 
-ALL_STRATEGIES = {**pairs.STRATEGIES, **travel.TASK.negatives}
+ALL_STRATEGIES = {**negatives.STRATEGIES, **travel.TASK.negatives}
 
 
 def _records() -> list[dict]:
@@ -28,7 +29,7 @@ def _records() -> list[dict]:
 def test_each_strategy_rejected_fails_chosen_passes(strategy: str) -> None:
     contract = load_contract(SCHEMA)
     records = _records()
-    made, skipped = pairs.negatives(records, contract, [strategy], 1, 0, Path("train.jsonl"))
+    made, skipped = negatives.negatives(records, contract, [strategy], 1, 0, Path("train.jsonl"))
     assert len(made) == len(records) and not skipped
     for pair in made:
         expect = pair["meta"]["expect"]
@@ -56,7 +57,7 @@ def test_each_strategy_rejected_fails_chosen_passes(strategy: str) -> None:
             chosen, rejected = pair["chosen"], pair["rejected"]
             start = next(i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b)
             tail = rejected[start:]
-            longest = max(pairs._lists(json.loads(chosen)), key=lambda lst: (len(lst), len(json.dumps(lst))))
+            longest = max(negatives._lists(json.loads(chosen)), key=lambda lst: (len(lst), len(json.dumps(lst))))
             units = ["," + contract.canonical_text(item) for item in longest]
             assert any(tail == (unit * (len(tail) // len(unit) + 1))[: len(tail)] for unit in units)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneline import tasks
+from tuneline import negatives, tasks
 from tuneline.contract import load_contract, load_suite
 from tuneline.errors import InputError
 from tuneline.params import parse_params
@@ -95,7 +95,7 @@ def test_generic_task_refuses_travel_sources_and_negatives(tmp_path, tiny_model_
     with pytest.raises(InputError, match="task 'generic' has no template source"):
         generate.run(parse_params(config))
     with pytest.raises(InputError, match="'off_topic' not available for task 'generic'"):
-        pairs.strategies_for(tasks.get("generic"), ["drop_field", "off_topic"])
+        negatives.strategies_for(tasks.get("generic"), ["drop_field", "off_topic"])
     with pytest.raises(InputError, match="task: 'cooking' is not a known task"):
         tasks.get("cooking")
 

@@ -265,7 +265,7 @@ class DpoParams(Section):
 
 
 class ProbeParams(Section):
-    suite: str | None = "data/seed/probe_suite.jsonl"  # None: paths.probe_suite
+    suite: str | None = None  # None: paths.probe_suite
     # name -> adapter dir; the base itself (or None) probes the bare base
     models: dict[str, str | None] = Field(
         default_factory=lambda: {"base": "models/base", "sft": "models/sft", "dpo": "models/dpo"}
