@@ -46,7 +46,7 @@ def params_for(tmp_path, **compare_overrides):
             "seed": 7,
             "paths": {"metrics": str(tmp_path / "metrics"), "reports": str(tmp_path / "reports")},
             "probe": {"models": {"base": None, "sft": "models/sft", "dpo": "models/dpo"}},
-            "compare": {"n_resamples": 1000, **compare_overrides},
+            "compare": {**compare_overrides},
         }
     )
 
@@ -89,8 +89,12 @@ def test_compare_layout_and_known_values(tmp_path):
     dpo_sft = on_disk["dpo_vs_sft"]["schema_valid_rate"]
     assert (dpo_sft["only_model"], dpo_sft["only_other"]) == (15, 0)
     assert dpo_sft["diff"] == pytest.approx(0.25) and dpo_sft["p_value"] == pytest.approx(2 * 0.5**15)
+    _, low, high = stats.newcombe_paired(18, 10, 2, 30)  # both valid 18, only sft 10, only base 2, neither 30
+    assert (valid["ci_low"], valid["ci_high"]) == (pytest.approx(low, abs=1e-6), pytest.approx(high, abs=1e-6))
     same = on_disk["sft_vs_base"]["destination_accuracy"]
-    assert (same["diff"], same["ci_low"], same["ci_high"], same["p_value"]) == (0.0, 0.0, 0.0, 1.0)
+    assert (same["diff"], same["p_value"], same["only_model"], same["only_other"]) == (0.0, 1.0, 0, 0)
+    _, low, high = stats.newcombe_paired(25, 0, 0, 35)
+    assert (same["ci_low"], same["ci_high"]) == (pytest.approx(low, abs=1e-6), pytest.approx(high, abs=1e-6))
     assert on_disk["suite_sha256"] == SUITE_SHA and on_disk["contract_sha256"] == CONTRACT_SHA
 
 
@@ -108,7 +112,13 @@ def test_compare_report_verdicts_power_note_and_plot(tmp_path):
     assert "a lower truncated rate (-16.7 points" in dpo_base and "p = 0.002: better)" in dpo_base
     dpo_sft = next(v for v in verdicts if v.startswith("- **dpo vs sft**"))
     assert "a higher schema valid rate (+25.0 points" in dpo_sft and "p < 0.001: better)" in dpo_sft
-    assert "## Power" in report and "too small to detect a 10.0-point difference at 80% power" in report
+    assert "## Power" in report
+    power = [line for line in report.splitlines() if line.startswith("- sft vs base: ")]
+    assert power and power[0].startswith(
+        '- sft vs base: "no significant difference" in payload type accuracy, destination accuracy, truncated rate '
+        "is weak evidence: n = 60 detects a difference of about "
+    )
+    assert "parse rate" not in power[0].split("weak evidence")[0]
     assert "| base | 60 |" in report
     assert "- base: invalid_json 40" in report and "- dpo: invalid_json 17" in report
     assert "![rates with intervals](compare_rates.png)" in report
@@ -139,6 +149,56 @@ def test_no_power_note_when_n_is_large(tmp_path):
     report = (tmp_path / "reports" / "compare.md").read_text()
     assert "## Power" not in report
     assert "sft has a higher schema valid rate (+2.5 points" in report
+
+
+def test_compare_refuses_another_models_samples(tmp_path):
+    three_models(tmp_path)
+    probe_dir = tmp_path / "reports" / "probe"
+    (probe_dir / "dpo.samples.jsonl").write_bytes((probe_dir / "sft.samples.jsonl").read_bytes())
+    with pytest.raises(InputError) as caught:
+        compare.run(params_for(tmp_path))
+    assert str(caught.value).startswith(
+        f"{probe_dir / 'dpo.samples.jsonl'}:1: sample 'q000' is from model 'sft', expected 'dpo'"
+    )
+    assert caught.value.exit_code == 2
+    assert not (tmp_path / "metrics" / "compare.json").exists()
+
+
+def test_sample_order_does_not_change_anything(tmp_path):
+    import random
+
+    three_models(tmp_path)
+    params = params_for(tmp_path)
+    outputs = ("metrics/compare.json", "reports/compare.md")
+    compare.run(params)
+    before = {p: (tmp_path / p).read_bytes() for p in outputs}
+    for model in ("dpo", "sft", "base"):
+        path = tmp_path / "reports" / "probe" / f"{model}.samples.jsonl"
+        lines = path.read_text().splitlines(keepends=True)
+        random.Random(model).shuffle(lines)
+        path.write_text("".join(lines))
+        compare.run(params)
+        assert {p: (tmp_path / p).read_bytes() for p in outputs} == before, f"shuffled {model}"
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_compare_at_tiny_n(tmp_path, n):
+    write_run(tmp_path, "base", outcomes(n))
+    write_run(tmp_path, "sft", outcomes(n, parsed=range(n), valid={0}))
+    write_run(tmp_path, "dpo", outcomes(n, parsed=range(n), valid={0}))
+    metrics = compare.run(params_for(tmp_path))
+    for name in ("sft_vs_base", "dpo_vs_base", "dpo_vs_sft"):
+        for s in metrics[name].values():
+            assert -1.0 <= s["ci_low"] <= s["diff"] <= s["ci_high"] <= 1.0 and s["ci_low"] < s["ci_high"]
+            assert s["p_value"] >= 0.5  # at most 2 discordant pairs
+            if s["only_model"] + s["only_other"] == 0:
+                assert s["p_value"] == 1.0
+    same = metrics["dpo_vs_sft"]["schema_valid_rate"]
+    assert (same["diff"], same["only_model"], same["only_other"]) == (0.0, 0, 0)
+    report = (tmp_path / "reports" / "compare.md").read_text()
+    assert (f"- sft vs base: with n = {n} paired prompts no difference can be significant: the exact McNemar "
+            "test needs at least 6 prompts on which the models disagree for p < 0.05. Raise probe.limit.") in report
+    assert "-0.0" not in report
 
 
 def test_compare_refuses_different_suites(tmp_path):
@@ -188,7 +248,26 @@ def test_single_model_report_has_rates_only(tmp_path):
     assert "| base | 10 | 50.0% [" in report
 
 
+def sections(markdown):
+    """Markdown split at ``## `` headings: {heading: lines}."""
+    out, current = {}, "#"
+    for line in markdown.splitlines():
+        if line.startswith("## "):
+            current = line
+        out.setdefault(current, []).append(line)
+    return out
+
+
 def test_committed_report_is_what_compare_makes_from_the_committed_probe_outputs(tmp_path):
+    """The committed compare outputs, regenerated from the committed probe outputs.
+
+    Everything but the paired intervals (and the words around them: the header line, the
+    verdicts' "95% CI" and the power note) must match the committed files exactly: rates,
+    Wilson intervals, differences, p-values, discordant counts, failure causes, layout.
+    The committed files were made with the percentile bootstrap, so their ``ci_low`` and
+    ``ci_high`` under ``<model>_vs_<other>`` are checked only for being present; the new
+    ones are checked against ``stats.newcombe_paired`` on the committed counts.
+    """
     import shutil
     from pathlib import Path
 
@@ -201,9 +280,37 @@ def test_committed_report_is_what_compare_makes_from_the_committed_probe_outputs
     shutil.copytree(repo / "metrics" / "probe", tmp_path / "metrics" / "probe")
     shutil.copytree(repo / "reports" / "probe", tmp_path / "reports" / "probe")
     metrics = compare.run(parse_params(data))
-    assert (tmp_path / "reports" / "compare.md").read_text() == (repo / "reports" / "compare.md").read_text()
     committed = read_json(repo / "metrics" / "compare.json")
     made = json.loads(json.dumps(metrics))
     for provenance_free in (committed, made):
         provenance_free.pop("provenance")
-    assert made == committed
+    assert set(made) == set(committed)
+    for key, value in committed.items():
+        if "_vs_" not in key:
+            assert made[key] == value, key
+            continue
+        assert set(made[key]) == set(value), key
+        rates = made[key.split("_vs_")[0]]
+        for metric, s in value.items():
+            new = made[key][metric]
+            assert set(new) == set(s), (key, metric)
+            interval_free = {k: v for k, v in s.items() if k not in ("ci_low", "ci_high")}
+            assert {k: new[k] for k in interval_free} == interval_free, (key, metric)
+            n, only_model, only_other = s["n"], s["only_model"], s["only_other"]
+            both = rates[metric]["k"] - only_model
+            _, low, high = stats.newcombe_paired(both, only_model, only_other, n - both - only_model - only_other)
+            assert (new["ci_low"], new["ci_high"]) == (pytest.approx(low, abs=1e-6), pytest.approx(high, abs=1e-6))
+
+    made_md = sections((tmp_path / "reports" / "compare.md").read_text())
+    committed_md = sections((repo / "reports" / "compare.md").read_text())
+    for heading in ("## Rates (95% Wilson interval)", "## Failure causes (count of prompts)"):
+        assert made_md[heading] == committed_md[heading]
+    renamed = {"## Paired differences (points, 95% bootstrap interval)":
+               "## Paired differences (points, 95% Newcombe interval)"}
+    assert [h for h in made_md if h != "## Power"] == [renamed.get(h, h) for h in committed_md if h != "## Power"]
+    rows = [line.split(" | ") for line in made_md["## Paired differences (points, 95% Newcombe interval)"]
+            if line.startswith("| ") and " vs " in line]
+    committed_rows = [line.split(" | ") for line in committed_md["## Paired differences (points, 95% bootstrap interval)"]
+                      if line.startswith("| ") and " vs " in line]
+    assert [r[:3] + r[4:] for r in rows] == [r[:3] + r[4:] for r in committed_rows]  # all but the interval
+    assert len(made_md["## Verdicts"]) == len(committed_md["## Verdicts"])

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from tuneline import stats
-from tuneline.diff import diff, to_json, to_markdown
+from tuneline.diff import diff, rows, table, to_json, to_markdown
 from tuneline.errors import InputError
 from tuneline.params import parse_params
 from tuneline.records import write_json, write_jsonl
@@ -14,7 +14,7 @@ from tuneline.records import write_json, write_jsonl
 N = 40
 SUITE = "5" * 64
 CONTRACT = "c" * 64
-PARAMS = parse_params({"compare": {"n_resamples": 1000}})
+PARAMS = parse_params({})
 
 
 def sh(repo, *cmd):
@@ -49,7 +49,7 @@ def repo(tmp_path):
     sh(tmp_path, "git", "config", "user.email", "test@example.com")
     sh(tmp_path, "git", "config", "user.name", "test")
     sh(tmp_path, sys.executable, "-m", "dvc", "init", "-q")
-    (tmp_path / "params.yaml").write_text("compare:\n  n_resamples: 1000\n")
+    (tmp_path / "params.yaml").write_text("compare:\n  confidence: 0.95\n")
     write_probe(tmp_path, "base", set(range(10)))
     write_probe(tmp_path, "sft", set(range(20)))
     sh(tmp_path, "git", "add", ".")
@@ -70,7 +70,8 @@ def test_diff_two_commits(repo):
     assert (sft["only_a"], sft["only_b"], sft["n"]) == (2, 12, N)
     assert sft["diff"] == pytest.approx(0.25)
     assert sft["p_value"] == pytest.approx(stats.mcnemar_exact(12, 2), rel=1e-5)
-    assert sft["ci_low"] < 0.25 < sft["ci_high"]
+    _, low, high = stats.newcombe_paired(18, 12, 2, 8)  # both 18, only B 12, only A 2, neither 8
+    assert (sft["ci_low"], sft["ci_high"]) == (pytest.approx(low, abs=1e-6), pytest.approx(high, abs=1e-6))
     base = result["models"]["base"]["schema_valid_rate"]
     assert (base["diff"], base["p_value"]) == (0.0, 1.0)
     assert set(result["models"]["sft"]) == {
@@ -129,4 +130,35 @@ def test_diff_cli_formats(repo):
         [sys.executable, "-m", "tuneline.cli", "diff", "v1", "HEAD"],
         cwd=repo, capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "160"},
     )
-    assert "schema valid rate" in table.stdout and "+25.0" in table.stdout
+    assert "schema valid" in table.stdout and "+25.0" in table.stdout
+
+
+def test_diff_table_fits_80_columns_and_never_prints_negative_zero(repo):
+    from rich.console import Console
+
+    result = diff(repo, "v1", "HEAD", PARAMS)
+    # a zero difference whose interval bound rounds to zero from below
+    result["models"]["base"]["parse_rate"].update(diff=-0.0, ci_low=-0.0004, ci_high=0.0003)
+    console = Console(width=80, record=True, color_system=None)
+    console.print(table(result))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "-0.0" not in text and "-0.0" not in to_markdown(result)
+    # one prompt's statistics stay on one line: label, both rates, diff, interval, p, discordant counts
+    sft_row = next(line for line in lines if line.split()[:2] == ["schema", "valid"] and "75.0" in line)
+    assert sft_row.split() == ["schema", "valid", "50.0", "75.0", "+25.0", *f"[{stats_interval(result)}]".split(),
+                               "0.013", "2/12"]
+    assert any(line.strip() == "sft" for line in lines) and any(line.strip() == "base" for line in lines)
+    assert [row[4] for row in rows(result) if row[:2] == ("base", "parse rate")] == ["+0.0"]
+    cli = subprocess.run(
+        [sys.executable, "-m", "tuneline.cli", "diff", "v1", "HEAD"],
+        cwd=repo, capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "80"},
+    )
+    assert max(len(line) for line in cli.stdout.splitlines()) <= 80
+    assert "-0.0" not in cli.stdout
+
+
+def stats_interval(result):
+    s = result["models"]["sft"]["schema_valid_rate"]
+    return f"{s['ci_low'] * 100:+.1f}, {s['ci_high'] * 100:+.1f}"

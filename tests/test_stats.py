@@ -5,11 +5,14 @@ import pytest
 
 from tuneline.errors import InputError
 from tuneline.stats import (
+    conservative_discordant_rate,
     discordant,
     mcnemar_detectable_difference,
     mcnemar_exact,
+    mcnemar_min_discordant,
     mcnemar_sample_size,
-    paired_bootstrap,
+    newcombe_paired,
+    paired_difference,
     planning_discordant_rate,
     wilson,
 )
@@ -72,47 +75,107 @@ def test_discordant_counts():
         discordant([1, 0], [1])
 
 
-def test_paired_bootstrap_contains_diff_and_is_deterministic():
-    rng = np.random.default_rng(7)
-    a = (rng.random(80) < 0.7).astype(int)
-    b = (rng.random(80) < 0.4).astype(int)
-    diff, low, high = paired_bootstrap(a, b, seed=3)
-    assert diff == pytest.approx(a.mean() - b.mean())
-    assert low < diff < high
-    assert paired_bootstrap(a, b, seed=3) == (diff, low, high)
-    assert paired_bootstrap(a, b, seed=4) != (diff, low, high)
-    # a wider level gives a wider interval from the same resamples
-    _, low99, high99 = paired_bootstrap(a, b, seed=3, conf=0.99)
-    assert low99 <= low and high99 >= high
+def test_newcombe_published_examples():
+    # Newcombe (1998), paired example (a, b, c, d) = (36, 12, 2, 0): method 10 gives
+    # 0.0569 to 0.3404 for the difference 0.2.
+    diff, low, high = newcombe_paired(36, 12, 2, 0)
+    assert diff == pytest.approx(0.2)
+    assert (low, high) == (pytest.approx(0.0569, abs=5e-5), pytest.approx(0.3404, abs=5e-5))
+    # Cavo et al. (2012) as worked in Fagerland, Lydersen & Laake (2014, 2017), Newcombe
+    # square-and-add: (59, 6, 16, 80) -> -0.0621 (-0.1186 to -0.0046). This table has
+    # A = 59*80 - 6*16 > n/2, so it checks the corrected phi.
+    diff, low, high = newcombe_paired(59, 6, 16, 80)
+    assert diff == pytest.approx(-10 / 161)
+    assert (low, high) == (pytest.approx(-0.1186, abs=5e-5), pytest.approx(-0.0046, abs=5e-5))
 
 
-def test_paired_bootstrap_matches_normal_theory():
-    # For paired 0/1 data the difference of means has variance
-    # (p10 + p01 - (p10 - p01)**2) / n; the bootstrap interval should be close to
-    # the normal interval for a large sample.
-    n = 400
-    a = np.array([1] * 160 + [0] * 60 + [1] * 100 + [0] * 80)
-    b = np.array([0] * 160 + [1] * 60 + [1] * 100 + [0] * 80)
-    p10, p01 = 160 / n, 60 / n
-    se = math.sqrt((p10 + p01 - (p10 - p01) ** 2) / n)
-    diff, low, high = paired_bootstrap(a, b, n_resamples=5000, seed=0)
-    assert diff == pytest.approx(0.25)
-    assert low == pytest.approx(diff - 1.96 * se, abs=0.01)
-    assert high == pytest.approx(diff + 1.96 * se, abs=0.01)
+def test_newcombe_by_hand():
+    # The committed dpo vs sft schema validity: both 51, only dpo 3, only sft 1, neither 5.
+    a, b, c, d = 51, 3, 1, 5
+    n = a + b + c + d
+    _, l1, u1 = wilson(a + b, n)
+    _, l2, u2 = wilson(a + c, n)
+    p1, p2 = (a + b) / n, (a + c) / n
+    phi = (a * d - b * c - n / 2) / math.sqrt((a + b) * (c + d) * (a + c) * (b + d))  # a*d - b*c = 252 > 30
+    low = p1 - p2 - math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2)
+    high = p1 - p2 + math.sqrt((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2)
+    assert newcombe_paired(a, b, c, d) == (pytest.approx(2 / 60), pytest.approx(low), pytest.approx(high))
+    assert (round(low, 4), round(high, 4)) == (-0.0476, 0.1205)
+    # negative association: phi = (a*d - b*c) / sqrt(margins), uncorrected
+    a, b, c, d = 2, 10, 9, 3
+    n = a + b + c + d
+    _, l1, u1 = wilson(a + b, n)
+    _, l2, u2 = wilson(a + c, n)
+    p1, p2 = (a + b) / n, (a + c) / n
+    phi = (a * d - b * c) / math.sqrt((a + b) * (c + d) * (a + c) * (b + d))
+    low = p1 - p2 - math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2)
+    assert newcombe_paired(a, b, c, d)[1] == pytest.approx(low)
 
 
-def test_paired_bootstrap_identical_vectors_give_zero_interval():
-    a = [1, 0, 1, 1, 0]
-    assert paired_bootstrap(a, a) == (0.0, 0.0, 0.0)
+def test_newcombe_coverage_by_simulation():
+    # Coverage of the nominal 95% interval over 2,000 simulated paired samples per setting
+    # (p both, p only a, p only b, n), including few discordant pairs on many concordant
+    # ones, where a percentile bootstrap or the uncorrected phi is too narrow.
+    rng = np.random.default_rng(20261201)
+    for p11, p10, p01, n in [(0.5, 0.02, 0.01, 100), (0.8, 0.05, 0.02, 60), (0.85, 0.03, 0.03, 60),
+                             (0.4, 0.1, 0.05, 30), (0.3, 0.3, 0.1, 20), (0.45, 0.05, 0.05, 10)]:
+        tables = rng.multinomial(n, [p11, p10, p01, 1 - p11 - p10 - p01], size=2000)
+        _, low, high = newcombe_paired(*tables.T)
+        truth = p10 - p01
+        coverage = np.mean((low <= truth + 1e-12) & (truth - 1e-12 <= high))
+        assert coverage >= 0.93, (p11, p10, p01, n, coverage)
 
 
-def test_paired_bootstrap_rejects_bad_input():
-    with pytest.raises(InputError, match="length"):
-        paired_bootstrap([1, 0, 1], [1, 0])
+def test_newcombe_small_and_degenerate_tables():
+    for table in [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (1, 1, 0, 0), (0, 1, 1, 0),
+                  (5, 0, 0, 5), (60, 0, 0, 0), (0, 60, 0, 0)]:
+        diff, low, high = newcombe_paired(*table)
+        assert -1.0 <= low <= diff <= high <= 1.0, table
+        assert high > low, table
+    # identical outcomes: a symmetric interval around 0 of non-zero width
+    diff, low, high = newcombe_paired(5, 0, 0, 5)
+    assert diff == 0.0 and low == pytest.approx(-high) and high > 0.1
+    # all 60 one way: margins are empty, phi = 0, low = 1 - sqrt((1 - l1)**2 + u2**2)
+    upper_of_zero = wilson(0, 60)[2]
+    assert newcombe_paired(0, 60, 0, 0) == (1.0, pytest.approx(1 - math.sqrt(2) * upper_of_zero), 1.0)
     with pytest.raises(InputError, match="at least one pair"):
-        paired_bootstrap([], [])
+        newcombe_paired(0, 0, 0, 0)
+    with pytest.raises(InputError, match=">= 0"):
+        newcombe_paired(1, -1, 0, 0)
     with pytest.raises(InputError, match="confidence"):
-        paired_bootstrap([1], [0], conf=1.5)
+        newcombe_paired(1, 0, 0, 0, conf=1.5)
+
+
+def test_paired_difference_from_vectors_ignores_order():
+    a = [1, 1, 0, 0, 1, 0, 1, 1]
+    b = [1, 0, 1, 0, 0, 0, 1, 1]
+    diff, low, high = paired_difference(a, b)
+    assert (diff, low, high) == newcombe_paired(3, 2, 1, 2)
+    order = [3, 0, 7, 5, 1, 6, 2, 4]
+    assert paired_difference([a[i] for i in order], [b[i] for i in order]) == (diff, low, high)
+    _, low90, high90 = paired_difference(a, b, conf=0.9)
+    assert low < low90 and high90 < high
+    with pytest.raises(InputError, match="length"):
+        paired_difference([1, 0, 1], [1, 0])
+    with pytest.raises(InputError, match="at least one pair"):
+        paired_difference([], [])
+    with pytest.raises(InputError, match="0/1"):
+        paired_difference([0.5], [1])
+
+
+def test_fewest_discordant_pairs_for_significance():
+    # 2 * 0.5**5 = 0.0625 >= 0.05, 2 * 0.5**6 = 0.031 < 0.05
+    assert mcnemar_min_discordant(0.05) == 6
+    assert mcnemar_exact(6, 0) < 0.05 <= mcnemar_exact(5, 0)
+    assert mcnemar_min_discordant(0.01) == 8
+    with pytest.raises(InputError, match="alpha"):
+        mcnemar_min_discordant(0.0)
+
+
+def test_conservative_discordant_rate_is_the_upper_bound_floored_at_delta():
+    assert conservative_discordant_rate(4, 60, 0.1) == pytest.approx(wilson(4, 60)[2])
+    assert conservative_discordant_rate(4, 60, 0.1) > 4 / 60
+    assert conservative_discordant_rate(0, 400, 0.1) == 0.1
 
 
 def test_sample_size_connor_formula():

@@ -7,8 +7,9 @@ fresh clone without a DVC remote can be compared; files are read through
 ``dvc.api.DVCFileSystem``, which also serves DVC-tracked files from the cache.
 
 For every model probed in both versions and every per-sample outcome it reports
-``rate(B) - rate(A)`` on the shared prompts with a paired bootstrap interval, an exact
-McNemar p-value and the discordant counts, exactly as ``compare`` does between models.
+``rate(B) - rate(A)`` on the shared prompts (paired by prompt id) with Newcombe's score
+interval for paired proportions, an exact McNemar p-value and the discordant counts,
+exactly as ``compare`` does between models. The terminal table fits 80 columns.
 Versions whose probe suite or contract hashes differ are refused: their prompts or
 their definition of "valid" are not the same, so a difference would not mean anything.
 """
@@ -26,12 +27,15 @@ from tuneline.records import loads_strict
 from tuneline.reporting import (
     ProbeRun,
     check_same_inputs,
+    interval_points,
     label,
     output_paths,
     paired_stats,
     parse_samples,
+    points,
     probe_run_from_records,
     rate_stats,
+    signed_points,
 )
 
 WORKSPACE = "workspace"
@@ -95,7 +99,7 @@ def read_version(repo: str | Path, rev: str, params: Params) -> Version:
     return Version(rev=rev, sha=sha, runs=runs)
 
 
-def diff_versions(a: Version, b: Version, *, n_resamples: int, seed: int, conf: float) -> dict[str, Any]:
+def diff_versions(a: Version, b: Version, *, conf: float) -> dict[str, Any]:
     """Paired statistics of B against A for every model in both, after the hash check."""
     common = [name for name in b.runs if name in a.runs]
     if not common:
@@ -108,7 +112,7 @@ def diff_versions(a: Version, b: Version, *, n_resamples: int, seed: int, conf: 
     for name in common:
         rates_a = rate_stats(a.runs[name], conf=conf)
         rates_b = rate_stats(b.runs[name], conf=conf)
-        diffs = paired_stats(b.runs[name], a.runs[name], n_resamples=n_resamples, seed=seed, conf=conf)
+        diffs = paired_stats(b.runs[name], a.runs[name], conf=conf)
         models[name] = {
             metric: {
                 "rate_a": rates_a[metric]["rate"],
@@ -128,8 +132,7 @@ def diff_versions(a: Version, b: Version, *, n_resamples: int, seed: int, conf: 
         "b": {"rev": b.rev, "sha": b.sha},
         **hashes,
         "confidence": conf,
-        "n_resamples": n_resamples,
-        "seed": seed,
+        "interval": "newcombe",
         "models": models,
         "only_in_a": sorted(set(a.runs) - set(b.runs)),
         "only_in_b": sorted(set(b.runs) - set(a.runs)),
@@ -139,14 +142,24 @@ def diff_versions(a: Version, b: Version, *, n_resamples: int, seed: int, conf: 
 def diff(repo: str | Path, rev_a: str, rev_b: str, params: Params) -> dict[str, Any]:
     a = read_version(repo, rev_a, params)
     b = read_version(repo, rev_b, params)
-    result = diff_versions(
-        a, b, n_resamples=params.compare.n_resamples, seed=params.seed, conf=params.compare.confidence
-    )
+    result = diff_versions(a, b, conf=params.compare.confidence)
     result["a"]["title"], result["b"]["title"] = a.title, b.title
     return result
 
 
 COLUMNS = ("model", "outcome", "A", "B", "diff (pts)", "interval", "p (McNemar)", "only A", "only B")
+# The terminal table: the model as a section heading, short outcome names, discordant
+# counts in one cell, so that it fits 80 columns.
+SHORT_COLUMNS = ("outcome", "A %", "B %", "B-A", "interval", "p", "A/B only")
+
+
+def short_label(metric: str) -> str:
+    """``schema_valid_rate`` -> ``schema valid``; ``payload_type_accuracy`` -> ``payload type``."""
+    return label(metric.removesuffix("_rate").removesuffix("_accuracy"))
+
+
+def _p_cell(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -157,16 +170,32 @@ def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
                 (
                     model,
                     label(metric),
-                    f"{s['rate_a'] * 100:.1f}%",
-                    f"{s['rate_b'] * 100:.1f}%",
-                    f"{s['diff'] * 100:+.1f}",
-                    f"[{s['ci_low'] * 100:+.1f}, {s['ci_high'] * 100:+.1f}]",
-                    "< 0.001" if s["p_value"] < 0.001 else f"{s['p_value']:.3f}",
+                    f"{points(s['rate_a'])}%",
+                    f"{points(s['rate_b'])}%",
+                    signed_points(s["diff"]),
+                    interval_points(s["ci_low"], s["ci_high"]),
+                    _p_cell(s["p_value"]),
                     str(s["only_a"]),
                     str(s["only_b"]),
                 )
             )
     return out
+
+
+def short_rows(per_metric: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One model's rows of the terminal table (columns ``SHORT_COLUMNS``)."""
+    return [
+        (
+            short_label(metric),
+            points(s["rate_a"]),
+            points(s["rate_b"]),
+            signed_points(s["diff"]),
+            interval_points(s["ci_low"], s["ci_high"]),
+            _p_cell(s["p_value"]),
+            f"{s['only_a']}/{s['only_b']}",
+        )
+        for metric, s in per_metric.items()
+    ]
 
 
 def _caption(result: dict[str, Any]) -> str:
@@ -176,8 +205,9 @@ def _caption(result: dict[str, Any]) -> str:
         skipped = f" Not in both: A only {result['only_in_a']}, B only {result['only_in_b']}."
     return (
         f"A = {result['a']['title']}, B = {result['b']['title']}; diff = B - A in points, paired "
-        f"{pct}% bootstrap interval ({result['n_resamples']} resamples), exact McNemar p; same suite "
-        f"({result['suite_sha256'][:12]}) and contract ({result['contract_sha256'][:12]}).{skipped}"
+        f"{pct}% Newcombe interval, exact McNemar p; A/B only: prompts where only A / only B has the "
+        f"outcome; same suite ({result['suite_sha256'][:12]}) and contract "
+        f"({result['contract_sha256'][:12]}).{skipped}"
     )
 
 
@@ -191,13 +221,26 @@ def to_json(result: dict[str, Any]) -> str:
     return json.dumps(result, indent=2, sort_keys=True) + "\n"
 
 
-def print_table(result: dict[str, Any]) -> None:
-    from rich.console import Console
+def table(result: dict[str, Any]) -> Any:
+    """The terminal table (a ``rich.table.Table``): one section per model, at most 80 columns."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="tuneline diff", caption=_caption(result))
-    for i, name in enumerate(COLUMNS):
-        table.add_column(name, justify="left" if i < 2 else "right")
-    for row in rows(result):
-        table.add_row(*row)
-    Console().print(table)
+    out = Table(title="tuneline diff", caption=_caption(result), box=box.SIMPLE_HEAD, pad_edge=False)
+    pct = round(result["confidence"] * 100)
+    for i, name in enumerate(SHORT_COLUMNS):
+        heading = f"{pct}% CI" if name == "interval" else name
+        out.add_column(heading, justify="left" if i == 0 else "right", overflow="fold")
+    for model, per_metric in result["models"].items():
+        out.add_row(f"[bold]{model}[/bold]")
+        for row in short_rows(per_metric):
+            out.add_row(*row)
+        out.add_section()
+    return out
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(table(result), width=min(console.width, 80))

@@ -3,11 +3,13 @@
 A probe run is one model's ``<metrics>/probe/<model>.json`` and its per-sample outcomes
 from ``<reports>/probe/<model>.samples.jsonl``. From runs this module computes, per
 outcome, a rate with a Wilson interval and, between two runs scored on the same prompts,
-a paired difference with a seeded percentile bootstrap interval, an exact McNemar
-p-value and the discordant counts (``diff = a - b``; the tests are ``tuneline.stats``).
+a paired difference with Newcombe's score interval for paired proportions, an exact
+McNemar p-value and the discordant counts (``diff = a - b``; the statistics are
+``tuneline.stats``; pairing is by prompt id, so the order of the samples never matters).
 It turns them into verdict sentences, a power note, the markdown report and the rates
 plot. Runs are compared only when their suite and contract hashes agree and they cover
-the same prompts; anything else is an InputError naming the files.
+the same prompts, and a run's samples must all name its model; anything else is an
+InputError naming the files.
 
 Nothing here reads params beyond ``paths``: which runs to load and which pairs to compare
 is the caller's recipe (``stages/compare.py``, ``diff.py``).
@@ -90,10 +92,19 @@ class ProbeRun:
 def probe_run_from_records(
     name: str, metrics: Mapping[str, Any], samples: Iterable[Mapping[str, Any]], source: str
 ) -> ProbeRun:
-    """Build a ProbeRun, checking that every sample has the same outcome names."""
+    """Build a ProbeRun, checking that every sample is ``name``'s and has the same outcome names.
+
+    A samples file whose records name another model (one model's file copied over
+    another's) is refused: its outcomes would be reported under the wrong name.
+    """
     outcomes: dict[Any, dict[str, bool]] = {}
     expected: list[str] | None = None
     for i, sample in enumerate(samples, start=1):
+        if sample["model"] != name:
+            raise InputError(
+                f"{source}:{i}: sample {sample['id']!r} is from model {sample['model']!r}, "
+                f"expected {name!r}; this file holds another model's probe samples — re-run probe@{name}"
+            )
         row = binary_outcomes(sample)
         if expected is None:
             expected = list(row)
@@ -190,16 +201,17 @@ def rate_stats(run: ProbeRun, *, conf: float) -> dict[str, dict[str, float]]:
     return result
 
 
-def paired_stats(
-    a: ProbeRun, b: ProbeRun, *, n_resamples: int, seed: int, conf: float
-) -> dict[str, dict[str, float]]:
-    """Per outcome: ``rate(a) - rate(b)`` on the shared prompts, with interval and p-value."""
+def paired_stats(a: ProbeRun, b: ProbeRun, *, conf: float) -> dict[str, dict[str, float]]:
+    """Per outcome: ``rate(a) - rate(b)`` on the shared prompts, with interval and p-value.
+
+    Paired by prompt id; the interval is Newcombe's (``stats.paired_difference``).
+    """
     ids = aligned(a, b)
     result: dict[str, dict[str, float]] = {}
     for metric in a.metric_names:
         x = [int(a.outcomes[i][metric]) for i in ids]
         y = [int(b.outcomes[i][metric]) for i in ids]
-        diff, low, high = stats.paired_bootstrap(x, y, n_resamples=n_resamples, seed=seed, conf=conf)
+        diff, low, high = stats.paired_difference(x, y, conf=conf)
         only_a, only_b = stats.discordant(x, y)
         result[metric] = {
             "diff": _r(diff),
@@ -217,23 +229,18 @@ def compare_runs(
     runs: Mapping[str, ProbeRun],
     pairs: Sequence[tuple[str, str]],
     *,
-    n_resamples: int,
-    seed: int,
     conf: float,
 ) -> tuple[dict[str, str], dict[str, Any], dict[tuple[str, str], Any]]:
     """Hashes, per-model rates and per-pair differences for already loaded runs."""
     hashes = check_same_inputs(runs)
     rates = {name: rate_stats(run, conf=conf) for name, run in runs.items()}
-    diffs = {
-        (a, b): paired_stats(runs[a], runs[b], n_resamples=n_resamples, seed=seed, conf=conf)
-        for a, b in pairs
-    }
+    diffs = {(a, b): paired_stats(runs[a], runs[b], conf=conf) for a, b in pairs}
     return hashes, rates, diffs
 
 
 def _r(value: float) -> float:
-    """Six significant digits: stable diffs in git, small p-values kept."""
-    return float(f"{float(value):.6g}")
+    """Six significant digits: stable diffs in git, small p-values kept; never -0.0."""
+    return float(f"{float(value):.6g}") + 0.0
 
 
 # --- Words: labels, verdicts, power
@@ -246,12 +253,18 @@ def label(metric: str) -> str:
     return metric.replace("_", " ")
 
 
-def _points(value: float) -> str:
-    return f"{value * 100:.1f}"
+def points(value: float) -> str:
+    """A rate in points with one decimal (``0.8667`` -> ``86.7``); never ``-0.0``."""
+    return f"{round(float(value) * 100, 1) + 0.0:.1f}"
 
 
-def _signed(value: float) -> str:
-    return f"{value * 100:+.1f}"
+def signed_points(value: float) -> str:
+    """A difference in points with its sign (``+3.3``, ``-1.7``, ``+0.0``); never ``-0.0``."""
+    return f"{round(float(value) * 100, 1) + 0.0:+.1f}"
+
+
+def interval_points(low: float, high: float) -> str:
+    return f"[{signed_points(low)}, {signed_points(high)}]"
 
 
 def _p_text(p: float) -> str:
@@ -269,12 +282,12 @@ def verdict(model: str, other: str, per_metric: Mapping[str, Mapping[str, float]
     changes: list[str] = []
     unchanged: list[str] = []
     for metric, s in per_metric.items():
-        if s["p_value"] < alpha and s["diff"] != 0:
+        if significant(s, conf=conf):
             direction = "a higher" if s["diff"] > 0 else "a lower"
             better = (s["diff"] > 0) != (metric in LOWER_IS_BETTER)
             changes.append(
-                f"{direction} {label(metric)} ({_signed(s['diff'])} points, {pct}% CI "
-                f"[{_signed(s['ci_low'])}, {_signed(s['ci_high'])}], {_p_text(s['p_value'])}: "
+                f"{direction} {label(metric)} ({signed_points(s['diff'])} points, {pct}% CI "
+                f"{interval_points(s['ci_low'], s['ci_high'])}, {_p_text(s['p_value'])}: "
                 f"{'better' if better else 'worse'})"
             )
         else:
@@ -290,6 +303,11 @@ def verdict(model: str, other: str, per_metric: Mapping[str, Mapping[str, float]
     return text + f" (exact McNemar, alpha = {alpha:.2f})."
 
 
+def significant(s: Mapping[str, float], *, conf: float) -> bool:
+    """Whether one paired comparison is significant at ``1 - conf`` (and not a zero difference)."""
+    return s["p_value"] < 1 - conf and s["diff"] != 0
+
+
 def power_note(
     model: str,
     other: str,
@@ -299,26 +317,50 @@ def power_note(
     power: float,
     conf: float,
 ) -> str | None:
-    """A note when n is too small to detect ``min_effect`` at ``power`` (worst outcome)."""
+    """What this n can detect, for the outcomes that were NOT significantly different.
+
+    A significant difference needs no power note. For the others, a "no significant
+    difference" is only as strong as the difference n could have detected: the note gives
+    that difference at ``power`` (Connor's approximation) when it is larger than
+    ``min_effect``, and the prompts ``min_effect`` would need. It plans with the largest
+    conservative discordant rate among those outcomes (``stats.conservative_discordant_rate``:
+    the upper Wilson bound of the observed share of disagreeing prompts, at least
+    ``min_effect``), and says so. With fewer prompts than the exact test needs for any
+    p < alpha, it says that instead. None when there is nothing to say.
+    """
     alpha = 1 - conf
-    worst: tuple[int, str, float] | None = None
-    n = 0
-    for metric, s in per_metric.items():
-        n = int(s["n"])
-        psi = (s["only_model"] + s["only_other"]) / n
-        needed = stats.mcnemar_sample_size(min_effect, psi, alpha=alpha, power=power)
-        if worst is None or needed > worst[0]:
-            worst = (needed, metric, psi)
-    if worst is None or n >= worst[0]:
+    pct = round(conf * 100)
+    quiet = {metric: s for metric, s in per_metric.items() if not significant(s, conf=conf)}
+    if not quiet:
         return None
-    needed, metric, psi = worst
+    n = int(next(iter(quiet.values()))["n"])
+    fewest = stats.mcnemar_min_discordant(alpha)
+    if n < fewest:
+        return (
+            f"{model} vs {other}: with n = {n} paired prompts no difference can be significant: the exact "
+            f"McNemar test needs at least {fewest} prompts on which the models disagree for p < {alpha:.2f}. "
+            "Raise probe.limit."
+        )
+    planned: list[tuple[float, str, int]] = []
+    for metric, s in quiet.items():
+        k = int(s["only_model"] + s["only_other"])
+        planned.append((stats.conservative_discordant_rate(k, n, min_effect, conf=conf), metric, k))
+    psi, metric, k = max(planned, key=lambda row: row[0])
+    needed = stats.mcnemar_sample_size(min_effect, psi, alpha=alpha, power=power)
+    if n >= needed:
+        return None
     detectable = stats.mcnemar_detectable_difference(n, psi, alpha=alpha, power=power)
-    floor = f", planned as {min_effect:.2f}" if psi < min_effect else ""
+    reach = (
+        f"no difference reaches {power:.0%} power at this n"
+        if detectable >= 1.0
+        else f"n = {n} detects a difference of about {points(detectable)} points at {power:.0%} power"
+    )
+    floor = f", raised to the {points(min_effect)}-point difference itself" if psi <= min_effect else ""
     return (
-        f"{model} vs {other}: n = {n} is too small to detect a {_points(min_effect)}-point difference "
-        f"at {power:.0%} power on {label(metric)} (observed discordant rate {psi:.2f}{floor}; about "
-        f"{needed} prompts needed). The smallest difference detectable at this n is about "
-        f"{_points(detectable)} points."
+        f"{model} vs {other}: \"no significant difference\" in {', '.join(label(m) for m in quiet)} is weak "
+        f"evidence: {reach}, and a {points(min_effect)}-point difference needs about {needed} prompts "
+        f"(planned with a discordant rate of {psi:.2f}: the upper {pct}% Wilson bound of the {k}/{n} prompts "
+        f"on which the models disagree in {label(metric)}{floor})."
     )
 
 
@@ -352,7 +394,7 @@ def render_markdown(
         "",
         f"Suite sha256 `{hashes['suite_sha256'][:12]}`, contract sha256 `{hashes['contract_sha256'][:12]}`. "
         f"Rates with Wilson {pct}% intervals; differences are paired over the same prompts "
-        f"(percentile bootstrap {pct}% interval, exact McNemar p-value).",
+        f"(Newcombe's {pct}% score interval for paired proportions, exact McNemar p-value).",
         "",
         "## Verdicts",
         "",
@@ -373,7 +415,7 @@ def render_markdown(
     for model in models:
         row = rates[model]
         cells = [
-            f"{_points(row[m]['rate'])}% [{_points(row[m]['ci_low'])}, {_points(row[m]['ci_high'])}]"
+            f"{points(row[m]['rate'])}% [{points(row[m]['ci_low'])}, {points(row[m]['ci_high'])}]"
             for m in metrics
         ]
         lines.append(f"| {model} | {int(row[metrics[0]]['n'])} | " + " | ".join(cells) + " |")
@@ -385,7 +427,7 @@ def render_markdown(
     if diffs:
         lines += [
             "",
-            f"## Paired differences (points, {pct}% bootstrap interval)",
+            f"## Paired differences (points, {pct}% Newcombe interval)",
             "",
             "| comparison | outcome | diff | interval | p (McNemar) | only model | only other |",
             "|---|---|---:|---|---:|---:|---:|",
@@ -393,8 +435,8 @@ def render_markdown(
     for (model, other), per_metric in diffs.items():
         for metric, s in per_metric.items():
             lines.append(
-                f"| {model} vs {other} | {label(metric)} | {float(s['diff']) * 100:+.1f} | "
-                f"[{float(s['ci_low']) * 100:+.1f}, {float(s['ci_high']) * 100:+.1f}] | "
+                f"| {model} vs {other} | {label(metric)} | {signed_points(s['diff'])} | "
+                f"{interval_points(s['ci_low'], s['ci_high'])} | "
                 f"{_p_cell(s['p_value'])} | {s['only_model']} | {s['only_other']} |"
             )
     if plot_name:

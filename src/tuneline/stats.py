@@ -2,8 +2,8 @@
 
 Rates get Wilson score intervals; paired differences between two models scored on the
 same prompts get an exact McNemar test (two-sided binomial test on the discordant
-pairs) and a seeded percentile bootstrap interval. The computations are scipy's; this
-module fixes the conventions (two-sided, percentile bootstrap, ``diff = a - b``) so
+pairs) and Newcombe's (1998) square-and-add score interval for paired proportions. The
+tests are scipy's; this module fixes the conventions (two-sided, ``diff = a - b``) so
 probe, compare and ``tuneline diff`` agree.
 
 The power helpers use Connor's (1987) normal approximation for McNemar's test:
@@ -12,15 +12,18 @@ The power helpers use Connor's (1987) normal approximation for McNemar's test:
 
 where ``delta`` is the difference in rates and ``psi`` the discordant proportion
 (the share of prompts on which the two models disagree). They are used for a planning
-note, not for inference.
+note, not for inference; the note plans with a conservative discordant rate
+(:func:`conservative_discordant_rate`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import optimize, stats
 
 from tuneline.errors import InputError
@@ -75,40 +78,88 @@ def _paired_arrays(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, 
     return x, y
 
 
-def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+def _wilson_bounds(k: np.ndarray, n: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score bounds in closed form, elementwise (the same values as :func:`wilson`)."""
+    p = k / n
+    denominator = 1.0 + z * z / n
+    centre = (p + z * z / (2.0 * n)) / denominator
+    half = z * np.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denominator
+    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
 
 
-def paired_bootstrap(
-    a: Sequence[float],
-    b: Sequence[float],
-    *,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    conf: float = 0.95,
-) -> tuple[float, float, float]:
-    """Difference ``mean(a) - mean(b)`` with a paired percentile bootstrap interval.
+def newcombe_paired(
+    both: ArrayLike, only_a: ArrayLike, only_b: ArrayLike, neither: ArrayLike, conf: float = 0.95
+) -> tuple[Any, Any, Any]:
+    """Difference of paired proportions with Newcombe's (1998) square-and-add score interval.
 
-    Pairs (prompt i scored for both models) are resampled together, so the interval
-    accounts for the correlation between the two models' results. Deterministic for a
-    given ``seed``.
+    The counts are the paired 2x2 table: ``both`` succeed, ``only_a``, ``only_b``,
+    ``neither``; the difference is ``rate(a) - rate(b) = (only_a - only_b) / n``. Each
+    rate gets its Wilson interval ``(l1, u1)``, ``(l2, u2)``, and the two are combined
+    with the correlation between the paired rates (Newcombe 1998, method 10)::
+
+        low  = d - sqrt((p1 - l1)**2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)**2)
+        high = d + sqrt((p2 - l2)**2 - 2 phi (p2 - l2)(u1 - p1) + (u1 - p1)**2)
+
+    ``phi`` is the phi coefficient of the table with Newcombe's correction for positive
+    association (as in Fagerland, Lydersen and Laake 2014): with ``A = both*neither -
+    only_a*only_b`` and the four margins' product ``M``, ``phi = (A - n/2)/sqrt(M)`` when
+    ``A > n/2``, ``0`` when ``0 <= A <= n/2``, ``A/sqrt(M)`` when ``A < 0``, and ``0``
+    when a margin is empty. Without the correction the interval is too narrow when few
+    pairs are discordant and the models agree on most prompts (coverage near 0.87 for a
+    nominal 0.95 with 2% and 1% discordance over 100 prompts).
+
+    Works elementwise on arrays of counts (the coverage check simulates with it); returns
+    floats for scalar counts. Defined for every table, n = 1 and identical outcomes included.
     """
     _check_conf(conf)
-    if n_resamples < 1:
-        raise InputError(f"n_resamples must be >= 1, got {n_resamples}")
+    a, b, c, d = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (both, only_a, only_b, neither)))
+    if np.any((a < 0) | (b < 0) | (c < 0) | (d < 0)):
+        raise InputError(f"paired counts must be >= 0, got {both}, {only_a}, {only_b}, {neither}")
+    n = a + b + c + d
+    if np.any(n < 1):
+        raise InputError("paired statistics need at least one pair, got none")
+    z = _z(1 - (1 - conf) / 2)
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = _wilson_bounds(a + b, n, z)
+    l2, u2 = _wilson_bounds(a + c, n, z)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    assoc = a * d - b * c
+    corrected = np.where(assoc > n / 2, assoc - n / 2, np.where(assoc >= 0, 0.0, assoc))
+    phi = np.where(margins > 0, corrected / np.sqrt(np.where(margins > 0, margins, 1.0)), 0.0)
+    diff = p1 - p2
+    low = diff - np.sqrt(np.maximum((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    high = diff + np.sqrt(np.maximum((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2, 0.0))
+    low, high = np.clip(low, -1.0, 1.0), np.clip(high, -1.0, 1.0)
+    if diff.ndim == 0:
+        return float(diff), float(low), float(high)
+    return diff, low, high
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], *, conf: float = 0.95) -> tuple[float, float, float]:
+    """``mean(a) - mean(b)`` for paired 0/1 outcomes with Newcombe's interval (:func:`newcombe_paired`).
+
+    It depends only on the paired 2x2 table, not on the order of the pairs.
+    """
     x, y = _paired_arrays(a, b)
-    diff = float(x.mean() - y.mean())
-    result = stats.bootstrap(
-        (x, y),
-        _mean_difference,
-        paired=True,
-        vectorized=True,
-        n_resamples=n_resamples,
-        confidence_level=conf,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    return diff, float(result.confidence_interval.low), float(result.confidence_interval.high)
+    if not (np.isin(x, (0, 1)).all() and np.isin(y, (0, 1)).all()):
+        raise InputError("paired proportions need 0/1 outcomes")
+    both = int(np.sum((x == 1) & (y == 1)))
+    only_a, only_b = discordant(x, y)
+    return newcombe_paired(both, only_a, only_b, x.size - both - only_a - only_b, conf)
+
+
+def mcnemar_min_discordant(alpha: float = 0.05) -> int:
+    """Fewest discordant pairs with which the two-sided exact McNemar test can give p < alpha.
+
+    The smallest p-value ``k`` discordant pairs can give is ``2 * 0.5**k`` (all one way),
+    so with fewer prompts than this no difference can be significant at all.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise InputError(f"alpha {alpha!r} is not allowed; use a value in (0, 1)")
+    k = 1
+    while 2 * 0.5**k >= alpha:
+        k += 1
+    return k
 
 
 def _z(q: float) -> float:
@@ -134,6 +185,17 @@ def planning_discordant_rate(observed: float, delta: float) -> float:
     describe the alternative being planned for.
     """
     return min(1.0, max(observed, delta))
+
+
+def conservative_discordant_rate(k: int, n: int, delta: float, *, conf: float = 0.95) -> float:
+    """Discordant proportion to plan with after observing ``k`` discordant pairs in ``n``.
+
+    The upper Wilson bound of ``k/n`` (the needed n grows with the discordant rate, so
+    the bound errs towards more prompts, not fewer), floored at ``delta`` as in
+    :func:`planning_discordant_rate`. Planning with the point estimate ``k/n`` instead
+    would trust the very sample whose size is in question.
+    """
+    return planning_discordant_rate(wilson(k, n, conf)[2], delta)
 
 
 def mcnemar_sample_size(

@@ -3,17 +3,19 @@
 Reads:  ``<metrics>/probe/<model>.json`` and ``<reports>/probe/<model>.samples.jsonl`` for
         every model in ``probe.models``.
 Writes: ``<metrics>/compare.json``, ``<reports>/compare.md``, ``<reports>/compare_rates.png``.
-Params: ``probe.models``, ``compare.*``, ``seed`` (bootstrap resampling).
+Params: ``probe.models``, ``compare.baseline``, ``compare.pairs``, ``compare.confidence``,
+        ``compare.min_effect``, ``compare.power``.
 
 Every per-sample binary outcome the probe records (parse, schema validity, each task
 check, truncation) gets, per model, a rate with a Wilson interval; and, for every model
 against ``compare.baseline`` and for every pair in ``compare.pairs``, a paired
-difference with a seeded percentile bootstrap interval, an exact McNemar p-value and the
-discordant counts. ``<model>_vs_<other>`` always means ``model - other``; a pair
+difference with Newcombe's score interval for paired proportions, an exact McNemar
+p-value and the discordant counts (paired by prompt id; sample order does not matter). ``<model>_vs_<other>`` always means ``model - other``; a pair
 ``[a, b]`` is reported as ``a_vs_b``.
 
 The models must have been probed on the same prompts with the same suite and contract
-(their hashes are compared); otherwise the comparison is refused. The statistics, the
+(their hashes are compared), and each samples file must hold its own model's samples;
+otherwise the comparison is refused. The statistics, the
 verdicts and the report are ``tuneline.reporting``'s, shared with ``tuneline diff``; this
 stage only says which runs and which pairs.
 """
@@ -53,9 +55,7 @@ def run(params: Params) -> dict[str, Any]:
     for name in params.probe.models:
         paths = output_paths(params, name)
         runs[name] = load_probe_run(name, paths.metrics, paths.samples)
-    hashes, rates, diffs = compare_runs(
-        runs, comparisons(params), n_resamples=cp.n_resamples, seed=params.seed, conf=cp.confidence
-    )
+    hashes, rates, diffs = compare_runs(runs, comparisons(params), conf=cp.confidence)
 
     reports = Path(params.paths.reports)
     plot_path = reports / "compare_rates.png"
@@ -76,6 +76,6 @@ def run(params: Params) -> dict[str, Any]:
     for (a, b), per_metric in diffs.items():
         metrics[f"{a}_vs_{b}"] = per_metric
     metrics.update(hashes)
-    metrics["provenance"] = stamp(n_resamples=cp.n_resamples, seed=params.seed, confidence=cp.confidence)
+    metrics["provenance"] = stamp(confidence=cp.confidence, interval="newcombe")
     write_json(Path(params.paths.metrics) / "compare.json", metrics)
     return metrics
