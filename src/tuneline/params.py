@@ -285,7 +285,6 @@ class ProbeParams(Section):
 class CompareParams(Section):
     baseline: str = "base"
     pairs: list[tuple[str, str]] = Field(default_factory=lambda: [("dpo", "sft")])
-    n_resamples: Annotated[int, Field(ge=1000)] = 2000
     confidence: Fraction = 0.95
     min_effect: Fraction = 0.10  # difference the power note is about
     power: Fraction = 0.80
