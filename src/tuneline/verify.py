@@ -300,6 +300,7 @@ class Scratch:
     atime_works: bool = False
     before: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     declared: list[str] = field(default_factory=list)  # deps, outs and their symlink targets
+    sources: list[Path] = field(default_factory=list)  # the copy's package source directories
 
 
 @contextmanager
@@ -324,6 +325,7 @@ def scratch_copy(root: Path, stage: StageDecl, *, keep: bool = False) -> Iterato
             if out not in stage.persist_outs:
                 _remove(scratch.project / out)
         _mirror_git(root, scratch.project)
+        scratch.sources = source_dirs(scratch.project)  # read before access times are aged
         scratch.atime_works = _age_atimes(scratch.project)
         scratch.hooks.mkdir()
         (scratch.hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -362,7 +364,7 @@ def run_stage(scratch: Scratch, stage: StageDecl, *, audit: bool = True) -> tupl
     env["PATH"] = python_bin + os.pathsep + env.get("PATH", "")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["GIT_OPTIONAL_LOCKS"] = "0"
-    sources = [str(p) for p in source_dirs(scratch.project)]
+    sources = [str(p) for p in scratch.sources]
     if audit:
         env[LOG_ENV] = str(scratch.log)
         sources.insert(0, str(scratch.hooks))
