@@ -113,19 +113,23 @@ def test_verify_dag_reports_an_undeclared_import_of_the_package(project: Path):
 
 
 def trace_stages(project: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, set[str]]:
-    """Run every stage in this process, in pipeline order, on traced params."""
+    """Run every `tuneline <stage> [ARGS]` stage of dvc.yaml in this process, upstream
+    first, on traced params."""
     from tuneline import cli
+    from tuneline.archive import load_dag
+    from tuneline.verify import ordered_stages
 
     monkeypatch.chdir(project)
     reads: dict[str, set[str]] = {}
-    for name in ("base", "generate", "clean", "sft", "pairs", "dpo", "probe", "compare"):
-        module = importlib.import_module(f"tuneline.stages.{name}")
+    for stage in ordered_stages(load_dag(project)):
+        words = stage.cmd[0].split()
+        if words[0] != "tuneline":
+            continue
+        module = importlib.import_module(f"tuneline.stages.{words[1]}")
         params = cli.stage_params(Path("params.yaml"))
-        runs = [(f"probe@{m}", {"model": m}) for m in params.probe.models] if name == "probe" else [(name, {})]
-        for stage, kwargs in runs:
-            with dag.trace_params(params) as seen:
-                module.run(params, **kwargs)
-            reads[stage] = set(seen)
+        with dag.trace_params(params) as seen:
+            module.run(params, *words[2:])
+        reads[stage.name] = set(seen)
     return reads
 
 
