@@ -261,8 +261,7 @@ def test_apply_that_breaks_the_dag_restores_everything(repo: Path):
     with pytest.raises(TunelineError) as info:
         archive.execute(repo, stale.candidates)
     message = str(info.value)
-    assert "stage 'prep' needs data/old_dataset.csv" in message
-    assert "dvc repro --dry failed" in message
+    assert "stage 'prep' needs data/old_dataset.csv (missing, and no stage produces it)" in message
     assert tree_digest(repo) == before
     (archive_id,) = archive.list_archives(repo)
     manifest = archive.load_manifest(repo, archive_id)
@@ -353,3 +352,84 @@ def test_purge_waits_for_a_full_repro(repo: Path):
     assert archive.load_manifest(repo, manifest["id"])["state"] == "purged"
     with pytest.raises(InputError, match="purged"):
         archive.restore(repo, manifest["id"])
+
+
+def test_plan_never_offers_what_the_install_or_ci_needs(repo: Path):
+    write(repo, "pyproject.toml", '[project]\nname = "demo"\nreadme = "README.md"\nlicense-files = ["LICENSE"]\n')
+    write(repo, "Makefile", "setup:\n\tpip install -c constraints.txt -r tools/requirements.txt\n\tsh tools/bootstrap.sh\n")
+    write(repo, "constraints.txt", "pyyaml==6.0.2\n")
+    write(repo, "tools/requirements.txt", "pyyaml\n")
+    write(repo, "tools/bootstrap.sh", "cp tools/fixtures/seed.csv data/raw/\n")
+    write(repo, "tools/fixtures/seed.csv", "x\n")
+    write(repo, "tools/old_helper.sh", "echo old\n")
+    write(repo, ".ci/run", "make setup\n")
+    write(repo, "LICENSE", "MIT\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "install and CI files")
+    plan = archive.make_plan(repo)
+    assert {c.path for c in plan.candidates} == LEGACY | {"tools/old_helper.sh"}
+    for path, reason in {
+        "constraints.txt": "the install or CI uses it",
+        "tools/fixtures/seed.csv": "named in tools/bootstrap.sh",
+        "tools/fixtures": "named in tools/bootstrap.sh",
+        "tools/requirements.txt": "named in Makefile",
+    }.items():
+        with pytest.raises(InputError) as info:
+            archive.apply(repo, [path], cwd=repo)
+        assert reason in str(info.value), (path, str(info.value))
+
+
+def test_apply_on_a_fresh_clone_resolves_against_the_dag(repo: Path, tmp_path: Path):
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    assert not (clone / "data/prepared.csv").exists() and not (clone / "models").exists()
+    assert archive.resolution_problems(clone) == []
+    stale = archive.make_plan(clone)
+    tracked_legacy = {p for p in LEGACY if not p.startswith("checkpoints/")}
+    assert {c.path for c in stale.candidates} == tracked_legacy
+    manifest = archive.apply(clone, ["configs"])
+    assert manifest["state"] == "applied" and manifest["verification"]["ok"]
+    archive.restore(clone, manifest["id"])
+
+    # a stage that has not run yet starts to need a candidate: the apply is refused and undone
+    dvc_yaml = clone / "dvc.yaml"
+    dvc_yaml.write_text(dvc_yaml.read_text().replace(
+        "deps: [src/train.py, data/prepared.csv]", "deps: [src/train.py, data/prepared.csv, data/old_dataset.csv]"
+    ))
+    before = tree_digest(clone)
+    with pytest.raises(TunelineError) as info:
+        archive.execute(clone, stale.candidates)
+    assert "stage 'train' needs data/old_dataset.csv (missing, and no stage produces it)" in str(info.value)
+    assert tree_digest(clone) == before
+
+    # a dep that nothing produces makes the pipeline unresolved before any move
+    dvc_yaml.write_text(dvc_yaml.read_text().replace("data/old_dataset.csv]", "data/never_made.csv]"))
+    with pytest.raises(TunelineError, match="does not resolve even before archiving"):
+        archive.apply(clone, ["configs"])
+
+
+def test_apply_on_the_project_after_only_clean_ran(tiny_model_dir: Path, tmp_path: Path):
+    from test_pipeline_e2e import TINY_OVERRIDES, make_project
+
+    project = make_project(tmp_path, tiny_model_dir, TINY_OVERRIDES)
+    write(project, "scripts/train_v2.py", "print('old')\n")
+    write(project, "data/extra.jsonl", "{}\n")
+    git(project, "add", "-A")
+    git(project, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "legacy")
+    proc = subprocess.run(["dvc", "repro", "clean"], cwd=project, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (project / "data/clean").is_dir() and not (project / "models/sft").exists()
+
+    plan = archive.make_plan(project)
+    assert {c.path for c in plan.candidates} == {"scripts/train_v2.py", "data/extra.jsonl"}
+    manifest = archive.apply(project, ["scripts"])
+    assert manifest["state"] == "applied" and not (project / "scripts").exists()
+
+    dvc_yaml = project / "dvc.yaml"
+    dvc_yaml.write_text(dvc_yaml.read_text().replace(
+        "      - ${paths.clean}/val.jsonl\n", "      - ${paths.clean}/val.jsonl\n      - data/extra.jsonl\n", 1
+    ))
+    with pytest.raises(TunelineError) as info:
+        archive.execute(project, [c for c in plan.candidates if c.path == "data/extra.jsonl"])
+    assert "stage 'sft' needs data/extra.jsonl (missing, and no stage produces it)" in str(info.value)
+    assert (project / "data/extra.jsonl").is_file()

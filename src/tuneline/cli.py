@@ -15,18 +15,36 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-from tuneline import archive, launch, verify
+from tuneline import launch
 from tuneline.errors import TunelineError
 from tuneline.params import Params, check_runtime, load_params
 from tuneline.records import staged_outputs
 
-app = typer.Typer(help="Reproducible LLM post-training pipeline driven by DVC.", no_args_is_help=True)
+# Command groups a stage never runs: their modules are imported only when named (or for
+# --help), so they are not code deps of every stage (see tuneline.dag).
+TOOL_GROUPS = {"archive": "tuneline.archive", "verify": "tuneline.verify", "dag": "tuneline.dag"}
+
+
+class _Commands(TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*super().list_commands(ctx), *(name for name in TOOL_GROUPS if name not in self.commands)]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in TOOL_GROUPS and cmd_name not in self.commands:
+            group = typer.main.get_command(importlib.import_module(TOOL_GROUPS[cmd_name]).app)
+            group.name = cmd_name
+            self.add_command(group, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+app = typer.Typer(
+    cls=_Commands, help="Reproducible LLM post-training pipeline driven by DVC.", no_args_is_help=True
+)
 params_app = typer.Typer(help="Inspect and validate params.yaml.", no_args_is_help=True)
 app.add_typer(params_app, name="params")
-app.add_typer(archive.app, name="archive")
-app.add_typer(verify.app, name="verify")
 err = Console(stderr=True)
 out = Console()
 

@@ -14,8 +14,10 @@ Reported as undeclared:
 
 - reads of project files the stage does not declare as deps (its own outs are fine) that
   existed before the run — in the scratch copy, or in the workspace when the copy lacked
-  them (the read failed there, which is the point). Imports of modules in the keep set
-  (the package source) are not reported; a script run as ``python x.py`` is a read.
+  them (the read failed there, which is the point). Imports count as reads, the project's
+  own package included: the stage runs the copy's source (its ``src/`` directories come
+  first on ``PYTHONPATH``), so a module it imports without declaring it is reported, as is
+  a script run as ``python x.py``.
 - files created, modified or deleted in the scratch copy that are not declared outs
   (temp files removed again, or ``os.replace``-d into a declared out, leave no trace);
 - any write that lands in the real workspace instead of the scratch copy.
@@ -59,8 +61,6 @@ from tuneline.archive import (
     StageDecl,
     declare_symlink_targets,
     find_root,
-    keep_patterns,
-    keep_spec,
     load_dag,
     open_dvc_repo,
     repo_files,
@@ -300,6 +300,7 @@ class Scratch:
     atime_works: bool = False
     before: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     declared: list[str] = field(default_factory=list)  # deps, outs and their symlink targets
+    sources: list[Path] = field(default_factory=list)  # the copy's package source directories
 
 
 @contextmanager
@@ -324,6 +325,7 @@ def scratch_copy(root: Path, stage: StageDecl, *, keep: bool = False) -> Iterato
             if out not in stage.persist_outs:
                 _remove(scratch.project / out)
         _mirror_git(root, scratch.project)
+        scratch.sources = source_dirs(scratch.project)  # read before access times are aged
         scratch.atime_works = _age_atimes(scratch.project)
         scratch.hooks.mkdir()
         (scratch.hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -335,6 +337,26 @@ def scratch_copy(root: Path, stage: StageDecl, *, keep: bool = False) -> Iterato
             shutil.rmtree(base, ignore_errors=True)
 
 
+def source_dirs(project: Path) -> list[Path]:
+    """Directories of the project's own Python packages (``tool.setuptools.packages.find
+    .where`` in pyproject.toml, else ``src`` when it holds a package): the copy's code is
+    the code that runs, not an installed version of it."""
+    import tomllib
+
+    where: list[str] = []
+    pyproject = project / "pyproject.toml"
+    if pyproject.is_file():
+        try:
+            config = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise InputError(f"{pyproject}: invalid TOML: {exc}") from exc
+        find = config.get("tool", {}).get("setuptools", {}).get("packages", {}).get("find", {})
+        where = [w for w in find.get("where", []) if isinstance(w, str)]
+    if not where and any((project / "src").glob("*/__init__.py")):
+        where = ["src"]
+    return [project / w for w in where if (project / w).is_dir()]
+
+
 def run_stage(scratch: Scratch, stage: StageDecl, *, audit: bool = True) -> tuple[int, str]:
     """Run the stage's command(s) in the copy; (exit code, last lines of output)."""
     env = dict(os.environ)
@@ -342,9 +364,11 @@ def run_stage(scratch: Scratch, stage: StageDecl, *, audit: bool = True) -> tupl
     env["PATH"] = python_bin + os.pathsep + env.get("PATH", "")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["GIT_OPTIONAL_LOCKS"] = "0"
+    sources = [str(p) for p in scratch.sources]
     if audit:
         env[LOG_ENV] = str(scratch.log)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(scratch.hooks), env.get("PYTHONPATH")) if p)
+        sources.insert(0, str(scratch.hooks))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (*sources, env.get("PYTHONPATH")) if p)
     output = scratch.base / "output.log"
     cwd = scratch.project / stage.wdir
     with open(output, "wb") as sink:
@@ -373,7 +397,7 @@ def _locate(path: str, scratch: Scratch, root: Path, ignored: tuple[str, ...]) -
     return None
 
 
-def analyse(scratch: Scratch, root: Path, stage: StageDecl, keep: Any) -> tuple[list[Finding], list[Finding]]:
+def analyse(scratch: Scratch, root: Path, stage: StageDecl) -> tuple[list[Finding], list[Finding]]:
     """Undeclared reads and writes of one run, from the audit log and the copy's state."""
     ignored = _ignored_prefixes()
     declared = scratch.declared
@@ -400,7 +424,7 @@ def analyse(scratch: Scratch, root: Path, stage: StageDecl, keep: Any) -> tuple[
             if in_workspace:
                 writes[rel] = "written into the real workspace, not the scratch copy"
             continue
-        if rel in written or _covered(rel, declared) or (event["i"] and keep.match_file(rel)):
+        if rel in written or _covered(rel, declared):
             continue
         if rel == _SELF:  # the audit hook reading its own module
             continue
@@ -488,13 +512,12 @@ def ordered_stages(dag: Dag, names: Sequence[str] = ()) -> list[StageDecl]:
 def verify_dag(root: Path, names: Sequence[str] = (), *, keep_scratch: bool = False) -> list[StageReport]:
     root = Path(root).resolve()
     dag = load_dag(root)
-    keep = keep_spec(keep_patterns(root))
     reports = []
     for stage in ordered_stages(dag, names):
         report = StageReport(stage=stage.name)
         with scratch_copy(root, stage, keep=keep_scratch) as scratch:
             report.exit_code, tail = run_stage(scratch, stage)
-            report.undeclared_reads, report.undeclared_writes = analyse(scratch, root, stage, keep)
+            report.undeclared_reads, report.undeclared_writes = analyse(scratch, root, stage)
             if report.exit_code != 0:
                 report.output_tail = tail
                 for rel in mentioned_undeclared(tail, root, scratch):
