@@ -92,12 +92,12 @@ def probe_params(tmp_path, tiny_model_dir, adapter=None, dtype="auto", **probe_o
             "paths": {
                 "base_model": str(tiny_model_dir),
                 "schema_file": str(SCHEMA),
+                "probe_suite": str(suite),
                 "metrics": str(tmp_path / "metrics"),
                 "reports": str(tmp_path / "reports"),
             },
             "model": {"device": "cpu", "dtype": dtype},
             "probe": {
-                "suite": str(suite),
                 "models": models,
                 "limit": None,
                 "batch_size": 4,
@@ -266,7 +266,7 @@ def test_probe_is_deterministic_and_batching_does_not_change_outputs(tmp_path, n
             suite_line(i, TYPES[i % 3], CITIES[i % 3], instruction="Plan a trip. " * (1 + 2 * i) + CITIES[i % 3])
             for i in range(6)
         ]
-        write_suite(Path(params.probe.suite), lines)
+        write_suite(Path(params.paths.probe_suite), lines)
         probe.run(params, "base")
         runs.append([(s["output"], s["n_tokens"]) for s in read_jsonl(probe.output_paths(params, "base").samples)])
     assert len({text for text, _ in runs[0]}) > 3  # the outputs depend on the prompt
@@ -328,7 +328,7 @@ def test_probe_refuses_chat_tokens_in_completion_prompts(tmp_path, tiny_model_di
     monkeypatch.chdir(tmp_path)
     params = probe_params(tmp_path, tiny_model_dir)
     write_suite(
-        Path(params.probe.suite),
+        Path(params.paths.probe_suite),
         [suite_line(0, "budget", "Paris", instruction="<|im_start|>user\nA budget for Paris")],
     )
     with pytest.raises(InputError, match="chat special token"):

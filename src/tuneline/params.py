@@ -265,7 +265,6 @@ class DpoParams(Section):
 
 
 class ProbeParams(Section):
-    suite: str | None = None  # None: paths.probe_suite
     # name -> adapter dir; the base itself (or None) probes the bare base
     models: dict[str, str | None] = Field(
         default_factory=lambda: {"base": "models/base", "sft": "models/sft", "dpo": "models/dpo"}
@@ -334,7 +333,7 @@ class Params(Section):
 
     @property
     def probe_suite(self) -> str:
-        return self.probe.suite or self.paths.probe_suite
+        return self.paths.probe_suite
 
 
 class ParamsError(InputError):

@@ -177,7 +177,7 @@ def aligned(a: ProbeRun, b: ProbeRun) -> list[Any]:
         raise InputError(
             f"{a.name} and {b.name} were probed on different prompts "
             f"({len(only_a)} only in {a.source}, e.g. {only_a[:3]}; {len(only_b)} only in {b.source}, "
-            f"e.g. {only_b[:3]}); check probe.limit and probe.suite"
+            f"e.g. {only_b[:3]}); check probe.limit and paths.probe_suite"
         )
     if a.metric_names != b.metric_names:
         raise InputError(

@@ -79,7 +79,7 @@ def sample(loaded: Any, prompts: list[Any], params: Params) -> list[list[tuple[s
 
 def on_policy(records: list[dict[str, Any]], contract: Contract, params: Params) -> list[dict[str, Any]]:
     """Best vs worst of k samples per prompt, ranked by contract score then mean log-prob."""
-    from tuneline.training import load_for_eval
+    from tuneline.modeling import load_for_eval
 
     pp = params.pairs
     chosen_records = records[: pp.on_policy_max_prompts]

@@ -146,8 +146,8 @@ def run(params: Params, model: str) -> dict[str, Any]:
     from tuneline import tasks
     from tuneline.contract import load_contract
     from tuneline.generation import generate
+    from tuneline.modeling import load_for_eval
     from tuneline.prompting import render
-    from tuneline.training import load_for_eval
 
     pp = params.probe
     adapter = adapter_dir(params, model)
