@@ -189,3 +189,44 @@ def test_paths_are_repo_relative_or_basename_with_a_warning(tmp_path, monkeypatc
     text = (repo / "out" / "metrics" / "generate.json").read_text() + (repo / "out" / "generated" / "sft.jsonl").read_text()
     assert str(tmp_path) not in text
     assert "not a dependency" in capsys.readouterr().err
+
+
+# -- datasets, Parquet and CSV -----------------------------------------------------------
+
+
+def test_datasets_parquet_and_csv_sources(tmp_path):
+    import datasets
+
+    rows = [
+        {"id": "r1", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
+                                  {"role": "assistant", "content": "A1"}], "meta": {"expect": {"payload_type": "budget"}}},
+        {"id": "r2", "messages": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}],
+         "meta": {"expect": {"payload.destination": "Oslo"}}},
+    ]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    result = imports.read_import(tmp_path / "saved")
+    assert (result.layout, result.format) == ("datasets", "messages")
+    assert [(e.instruction, e.completion, e.system, e.expect, e.original_id, e.record) for e in result.examples] == [
+        ("Q1", "A1", "Be brief.", {"payload_type": "budget"}, "r1", 1),
+        ("Q2", "A2", None, {"payload.destination": "Oslo"}, "r2", 2),
+    ]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1]), "test": datasets.Dataset.from_list(rows[1:])}).save_to_disk(str(tmp_path / "dd"))
+    assert [e.instruction for e in imports.read_import(tmp_path / "dd").examples] == ["Q1"]
+
+    datasets.Dataset.from_list(alpaca(3)).to_parquet(str(tmp_path / "a.parquet"))
+    metrics = generate.run(params_for(tmp_path, tmp_path / "a.parquet"))
+    records = read_jsonl(tmp_path / "generated" / "sft.jsonl")
+    assert metrics["import"]["layout"] == "parquet" and [r["completion"] for r in records] == ["Answer 0", "Answer 1", "Answer 2"]
+    assert [r["provenance"]["record"] for r in records] == [1, 2, 3] and "line" not in records[0]["provenance"]
+
+    write(tmp_path / "p.csv", 'prompt,chosen,rejected\nP1,"{""a"": 1}",[]\nP2,yes,no\n')
+    prefs = imports.read_import(tmp_path / "p.csv")
+    assert prefs.format == "preference" and [(p.prompt, p.chosen) for p in prefs.preferences] == [("P1", '{"a": 1}'), ("P2", "yes")]
+    write(tmp_path / "bad.csv", "instruction,output\nQ,A\nQ2,\n")
+    with pytest.raises(InputError, match=r"bad\.csv: row 2: keys \['instruction'\] do not match format 'alpaca'"):
+        imports.read_import(tmp_path / "bad.csv")
+    write(tmp_path / "junk.parquet", "not parquet")
+    with pytest.raises(InputError, match=r"junk\.parquet: cannot read it as parquet"):
+        imports.read_import(tmp_path / "junk.parquet")
+    with pytest.raises(InputError, match=r"missing\.parquet: import file not found"):
+        imports.read_import(tmp_path / "missing.parquet")

@@ -19,7 +19,8 @@ JSON for templates; the leniently extracted and canonicalised JSON for the teach
 parses, its raw text otherwise; imported text unchanged). Every record carries ``meta``
 (``instruction``, ``source``, ``expect`` and, where known, ``payload_type``/``destination``)
 and ``provenance`` (source, seed, generator version, file hashes, teacher decoding, shots,
-or imported file and line). Sources are mixed in the order template, teacher, import; each
+or the imported file (relative to the repository root, the stage's working directory),
+record number and line). Sources are mixed in the order template, teacher, import; each
 source's ``max_records`` keeps a seeded subset in the original order.
 """
 
