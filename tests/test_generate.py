@@ -190,14 +190,13 @@ def test_import_alpaca_list_file(tmp_path):
     metrics = generate.run(params_for(tmp_path, only_import(src)))
     records = read_jsonl(tmp_path / "generated" / "sft.jsonl")
     assert metrics["import"]["format"] == "alpaca" and metrics["by_source"] == {"import": 2}
-    assert [r["id"] for r in records] == [
-        "import-2",
-        "import-3",
-    ]  # ids name the line each record starts on
+    assert [r["id"] for r in records] == ["import-1", "import-2"]  # ids number the records
+    assert [r["provenance"]["line"] for r in records] == [2, 3]  # the line each starts on
     assert records[0]["prompt"] == "Plan a day in Oslo." and records[0]["completion"] == '{"a": 1}'
     assert records[1]["prompt"] == "Translate\n\nhello"
     assert records[1]["provenance"]["line"] == 3 and records[1]["provenance"]["format"] == "alpaca"
-    assert records[1]["provenance"]["file"] == str(src)
+    assert records[1]["provenance"]["file"] == "alpaca.json"  # outside the repository: its name
+    assert records[1]["provenance"]["outside_repo"] is True
 
 
 def test_import_alpaca_jsonl(tmp_path):
@@ -284,7 +283,7 @@ def test_import_errors_name_file_line_and_expectation(tmp_path):
         tmp_path / "broken.json",
         '[\n {"instruction": "a", "output": "b"},\n {"instruction": "a" "output": "b"}\n]',
     )
-    with pytest.raises(RecordError, match=r"broken\.json:3: invalid JSON"):
+    with pytest.raises(RecordError, match=r"broken\.json:3: record 2: invalid JSON"):
         imports.read_import(broken)
     multi = {
         "messages": [
@@ -297,7 +296,7 @@ def test_import_errors_name_file_line_and_expectation(tmp_path):
     multi_file = write(tmp_path / "multi.jsonl", json.dumps(multi) + "\n")
     with pytest.raises(
         RecordError,
-        match=r"multi\.jsonl:1: messages roles are .*\(multi-turn conversations are not supported\)",
+        match=r"multi\.jsonl:1: messages roles are .*; multi-turn conversations are not supported: the prompt format carries one instruction",
     ):
         imports.read_import(multi_file)
     role = write(

@@ -19,7 +19,8 @@ JSON for templates; the leniently extracted and canonicalised JSON for the teach
 parses, its raw text otherwise; imported text unchanged). Every record carries ``meta``
 (``instruction``, ``source``, ``expect`` and, where known, ``payload_type``/``destination``)
 and ``provenance`` (source, seed, generator version, file hashes, teacher decoding, shots,
-or imported file and line). Sources are mixed in the order template, teacher, import; each
+or the imported file (relative to the repository root, the stage's working directory),
+record number and line). Sources are mixed in the order template, teacher, import; each
 source's ``max_records`` keeps a seeded subset in the original order.
 """
 
@@ -32,15 +33,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from tuneline import tasks
 from tuneline.contract import Contract, load_contract, parse_lenient
 from tuneline.datagen import imports, teacher
 from tuneline.errors import InputError
 from tuneline.params import Params
-from tuneline.provenance import sha256_file, stamp
+from tuneline.provenance import sha256_file, sha256_path, stamp
 from tuneline.records import read_jsonl, write_json, write_jsonl
 
 GOLD = "gold.jsonl"
+err = Console(stderr=True)
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -188,16 +192,19 @@ def _import_records(
     ip = params.generate.sources.imported
     assert ip.path is not None  # enforced by the params model
     result = imports.read_import(ip.path, ip.format)
-    file_hash = sha256_file(ip.path)
+    file_hash = sha256_path(ip.path)
+    file_ref, outside = _portable_path(Path(ip.path))
+    _warn_import(params, Path(ip.path), outside, result)
 
-    def provenance(line: int, original_id: Any) -> dict[str, Any]:
-        prov = {
-            "source": "import",
-            "file": str(ip.path),
-            "file_sha256": file_hash,
-            "line": line,
-            "format": result.format,
-        }
+    def provenance(line: int | None, record: int, original_id: Any) -> dict[str, Any]:
+        prov: dict[str, Any] = {"source": "import", "file": file_ref}
+        if outside:
+            prov["outside_repo"] = True
+        prov["file_sha256"] = file_hash
+        if line is not None:
+            prov["line"] = line
+        prov["record"] = record
+        prov["format"] = result.format
         if original_id is not None:
             prov["original_id"] = original_id
         return prov
@@ -215,32 +222,70 @@ def _import_records(
             meta["system"] = ex.system
         records.append(
             {
-                "id": f"import-{ex.line}",
+                "id": f"import-{ex.record}",
                 "prompt": ex.instruction,
                 "completion": ex.completion,
                 "meta": meta,
-                "provenance": provenance(ex.line, ex.original_id),
+                "provenance": provenance(ex.line, ex.record, ex.original_id),
             }
         )
     preferences = [
         {
-            "id": f"import-pref-{p.line}",
+            "id": f"import-pref-{p.record}",
             "prompt": p.prompt,
             "chosen": p.chosen,
             "rejected": p.rejected,
             "meta": {"instruction": p.prompt, "source": "import", "strategy": "imported"},
-            "provenance": provenance(p.line, p.original_id),
+            "provenance": provenance(p.line, p.record, p.original_id),
         }
         for p in result.preferences
     ]
-    stats = {
-        "file": str(ip.path),
-        "format": result.format,
-        "examples": len(records),
-        "preferences": len(preferences),
-        "file_sha256": file_hash,
-    }
+    stats: dict[str, Any] = {"file": file_ref}
+    if outside:
+        stats["outside_repo"] = True
+    stats.update(
+        {
+            "layout": result.layout,
+            "format": result.format,
+            "examples": len(records),
+            "preferences": len(preferences),
+            "file_sha256": file_hash,
+            "normalised": result.normalised,
+        }
+    )
     return records, preferences, stats
+
+
+def _portable_path(path: Path) -> tuple[str, bool]:
+    """The import's path as written to tracked files: relative to the repository root (the
+    stage's working directory, where params.yaml is), or its bare name for a file outside
+    it (the content hash beside it identifies it); and whether it is outside."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix(), False
+    except ValueError:
+        return path.name, True
+
+
+def _warn_import(params: Params, path: Path, outside: bool, result: imports.Imported) -> None:
+    declared = (Path(params.paths.seed_dir) / "import").resolve()
+    if declared != path.resolve() and declared not in path.resolve().parents:
+        where = "outside the repository" if outside else f"not under {params.paths.seed_dir}/import"
+        err.print(
+            f"[yellow]warning:[/] generate.sources.import.path {path} is {where}, so it is not a "
+            "dependency of the generate stage: dvc repro will not re-run generate when it "
+            f"changes (put it in {params.paths.seed_dir}/import)",
+            highlight=False,
+        )
+    norm = result.normalised
+    if norm["bom"] or norm["crlf_lines"]:
+        what = [
+            *(["a UTF-8 byte-order mark dropped"] if norm["bom"] else []),
+            *([f"{norm['crlf_lines']} CRLF line ends made LF"] if norm["crlf_lines"] else []),
+        ]
+        err.print(
+            f"[yellow]warning:[/] {path}: {' and '.join(what)} (counted in metrics: import.normalised)",
+            highlight=False,
+        )
 
 
 # -- mixing ------------------------------------------------------------------------------
