@@ -251,6 +251,22 @@ def test_restore_refuses_to_overwrite_a_different_file(repo: Path):
         archive.restore(repo, manifest["id"], ["scripts/prep_v2.py"])
 
 
+def test_restore_and_purge_refuse_a_parent_that_became_a_symlink_to_elsewhere(repo: Path, tmp_path: Path):
+    manifest = archive.apply(repo, ["configs"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (repo / "configs").symlink_to(elsewhere, target_is_directory=True)
+    proc = tuneline(repo, "archive", "restore", manifest["id"])
+    assert proc.returncode != 0 and "outside the repository" in proc.stderr, proc.stderr
+    assert list(elsewhere.iterdir()) == []  # nothing written through the link
+    assert (repo / "archive" / manifest["id"] / "files/configs/config_v2.yaml").is_file()
+    # the archive's own files directory swapped for a link elsewhere: purge refuses to delete through it
+    files = repo / "archive" / manifest["id"] / "files"
+    shutil.move(files, tmp_path / "moved-files")
+    files.symlink_to(tmp_path / "moved-files", target_is_directory=True)
+    assert archive.real_outside(repo.resolve(), files / "configs" / "config_v2.yaml") is not None
+
+
 def test_apply_that_breaks_the_dag_restores_everything(repo: Path):
     stale = archive.make_plan(repo)  # planned before the pipeline started to read the old dataset
     dvc_yaml = repo / "dvc.yaml"

@@ -439,6 +439,18 @@ def symlink_escapes(root: Path, path: Path) -> str | None:
     return None if _rel(root, real) is not None else os.readlink(path)
 
 
+def real_outside(root: Path, path: Path) -> str | None:
+    """Where ``path`` would really be written, when that is outside ``root``: its parent
+    directory resolved through every symlink (an archived path whose parent has since
+    become a symlink to elsewhere), or its own target when it is a symlink."""
+    real_parent = os.path.realpath(path.parent)
+    if _rel(root, real_parent) is None:
+        return real_parent
+    if path.is_symlink() and _rel(root, os.path.realpath(path)) is None:
+        return os.path.realpath(path)
+    return None
+
+
 def safe_rel(root: Path, user_path: str | Path, *, cwd: Path | None = None) -> str:
     """A user-given path (relative to ``cwd``, default the repo root) as repo-relative
     POSIX; refuses anything that escapes the repository."""
@@ -768,7 +780,8 @@ def execute(root: Path, selected: Sequence[Candidate]) -> dict[str, Any]:
     entries = []
     for candidate in selected:
         path = root / candidate.path
-        if symlink_escapes(root, path) is not None or _rel(root, os.path.realpath(path.parent)) is None:
+        target = base / archive_id / FILES / candidate.path
+        if symlink_escapes(root, path) is not None or real_outside(root, path) or real_outside(root, target):
             raise TunelineError(f"{candidate.path}: refusing to move a path that leads outside the repository")
         entries.append(
             {
@@ -863,6 +876,10 @@ def _restore_entries(root: Path, manifest: dict[str, Any], entries: Iterable[dic
         if _rel(root, dst) is None or _rel(base, src) is None:
             problems.append(f"{entry['path']}: manifest path escapes the repository")
             continue
+        escape = real_outside(root, dst) or real_outside(root, src)
+        if escape is not None:
+            problems.append(f"{entry['path']}: would be written or read at {escape}, outside the repository (a symlinked directory)")
+            continue
         in_archive = os.path.lexists(src)
         at_home = os.path.lexists(dst)
         if in_archive and content_hash(src) != entry["sha256"]:
@@ -956,6 +973,8 @@ def purge(root: Path, archive_id: str, *, yes: bool) -> dict[str, Any]:
     if not yes:
         raise InputError(f"archive {archive_id}: purge deletes its files for good; pass --yes to confirm")
     files_dir = archive_dir(root, archive_id) / FILES
+    if files_dir.is_symlink() or real_outside(root, files_dir):
+        raise TunelineError(f"archive {archive_id}: refusing to purge {files_dir}: it leads outside the repository")
     if files_dir.exists():
         shutil.rmtree(files_dir)
     manifest["state"] = "purged"
