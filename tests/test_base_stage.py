@@ -8,7 +8,7 @@ from tuneline.params import parse_params
 from tuneline.stages import base
 
 
-def test_base_from_local_dir(tiny_model_dir, tmp_path):
+def test_base_from_local_dir(tiny_model_dir, tmp_path, capsys):
     paths = {"base_model": str(tmp_path / "m"), "reports": str(tmp_path / "reports")}
     params = parse_params({"base": {"source": str(tiny_model_dir)}, "paths": paths})
     metrics = base.run(params)
@@ -16,10 +16,24 @@ def test_base_from_local_dir(tiny_model_dir, tmp_path):
     assert prov["kind"] == "local" and prov["content_sha256"] == metrics["content_sha256"]
     # the model dir is content only; the source path and the commit are in the sidecar
     run = json.loads((tmp_path / "reports/provenance/base.json").read_text())
-    assert "git" not in prov and prov["source"] is None and run["source"] == str(tiny_model_dir) and "git" in run
+    assert "git" not in prov and prov["source"] is None and "git" in run
+    # git-tracked: no absolute path, the source outside the project named by content
+    assert run["source"] == f"{tiny_model_dir.name} (outside the project; sha256 {prov['source_sha256']})"
+    assert str(tiny_model_dir) not in (tmp_path / "reports/provenance/base.json").read_text()
     assert "model.safetensors" in prov["files"]
+    assert "is outside the project, so DVC does not track it" in " ".join(capsys.readouterr().err.split())
     loaded = modeling.load(tmp_path / "m")
     assert loaded.provenance["content_sha256"] == metrics["content_sha256"]
+
+
+def test_local_source_inside_the_project_is_recorded_relative(tiny_model_dir, chdir_tmp, capsys):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, chdir_tmp / "ext" / "m")
+    params = parse_params({"base": {"source": str(chdir_tmp / "ext" / "m")}})
+    assert base.run(params)["source"] == "ext/m"
+    assert json.loads((chdir_tmp / "reports/provenance/base.json").read_text())["source"] == "ext/m"
+    assert "outside the project" not in capsys.readouterr().err
 
 
 def test_base_offline_hub_id_is_a_clear_error(tmp_path):

@@ -1,4 +1,5 @@
-"""dpo stage: the reference is the SFT model, outputs and the eval loader."""
+"""dpo stage: the reference is the SFT model (checked through the stage's first logged
+step), outputs and the eval loader."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from tuneline.stages import dpo, pairs, sft
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Params:
     """A tiny SFT adapter (large lr so it clearly differs from the base) and its pairs."""
     root = tmp_path_factory.mktemp("dpo")
-    params = tiny_params(root, tiny_model_dir, {"sft": {"trainer": {"learning_rate": 5e-3, "num_train_epochs": 2}}, "dpo": {"max_pairs": 6}})
+    params = tiny_params(root, tiny_model_dir, {
+        "model": {"dtype": "float32"},
+        "sft": {"trainer": {"learning_rate": 5e-3, "num_train_epochs": 2}}, "dpo": {"max_pairs": 6},
+    })
     write_clean(params)
     sft.run(params)
     pairs.run(params)
@@ -33,13 +37,41 @@ def _eval_metrics(params: Params, merge: list[Path]) -> dict[str, float]:
     return trainer.evaluate(eval_dataset=Dataset.from_list(rows))
 
 
-def test_reference_is_the_sft_model(trained: Params) -> None:
+@pytest.mark.parametrize("precompute", [True, False])
+def test_first_step_of_the_stage_has_zero_rewards_in_float32(
+    trained: Params, precompute: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dpo.run's first logged step is computed before any update: the policy (base + merged
+    SFT + a fresh adapter) is the reference, so rewards are 0 and the loss is ln 2."""
+    import math
+
+    from tuneline.training import GuardCallback, loop
+
+    seen: list[dict] = []
+
+    class Record(GuardCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN003
+            seen.append({"step": state.global_step, **(logs or {})})
+            super().on_log(args, state, control, logs=logs, **kwargs)
+
+    monkeypatch.setattr(loop, "GuardCallback", Record)
+    data = trained.model_dump(by_alias=True)
+    for name in ("dpo_model", "checkpoints", "metrics", "reports"):
+        data["paths"][name] = str(tmp_path / name)
+    data["dpo"]["precompute_ref_log_probs"] = precompute
+    params = Params.model_validate(data)
+    dpo.run(params)
+    first = seen[0]
+    assert first["step"] == 1
+    assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6, first
+    assert abs(first["loss"] - math.log(2)) < 1e-6, first
+
+
+def test_reference_is_the_sft_model_not_the_base(trained: Params) -> None:
     sft_dir = Path(trained.paths.sft_model)
     at_start = _eval_metrics(trained, [sft_dir])
-    # Step 0: policy (SFT + fresh adapter) and reference (SFT) agree exactly.
     assert abs(at_start["eval_rewards/chosen"]) < 1e-6
-    assert abs(at_start["eval_rewards/rejected"]) < 1e-6
-    # ...and that reference is not the bare base: its log-probs differ from the base's.
+    # the reference's log-probs are the SFT model's, not the bare base's
     on_base = _eval_metrics(trained, [])
     assert abs(at_start["eval_logps/chosen"] - on_base["eval_logps/chosen"]) > 1e-2
 

@@ -121,13 +121,65 @@ def test_resume_matches_uninterrupted(tmp_path: Path, tiny_model_dir: Path, monk
     assert not Path(resumed.paths.sft_model).exists()
 
     monkeypatch.undo()
+    saved = torch.load(ckpts / "checkpoint-3" / "optimizer.pt", weights_only=True)["state"]
+    seen: dict = {"steps": []}
+
+    class Watch(GuardCallback):
+        """What the trainer did in the resumed run, from its own state."""
+
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):  # noqa: ANN001, ANN003
+            seen["start"] = state.global_step
+            seen["optimizer"] = {k: {n: t.clone() for n, t in v.items()} for k, v in optimizer.state_dict()["state"].items()}
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            seen["steps"].append(state.global_step)
+            super().on_step_end(args, state, control, **kwargs)
+
+    monkeypatch.setattr(loop, "GuardCallback", Watch)
     metrics = sft.run(resumed)
+    # the trainer began at the checkpoint's step with its optimizer state, and ran only the rest
+    assert seen["start"] == 3 and seen["steps"] == [4, 5, 6, 7, 8]
     assert metrics["resumed_from_step"] == 3 and metrics["steps"] == 8
+    assert saved and seen["optimizer"].keys() == saved.keys()
+    for index, state in saved.items():
+        assert int(state["step"]) == 3
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(seen["optimizer"][index][name].cpu(), state[name]), (index, name)
     a = load_file(Path(straight.paths.sft_model) / "adapter_model.safetensors")
     b = load_file(Path(resumed.paths.sft_model) / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_resume_metric_comes_from_the_trainer(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trainer that ignores the checkpoint it is given and starts over is caught."""
+    from tuneline.training import callbacks
+
+    params = tiny_params(tmp_path, tiny_model_dir, {"sft": {"trainer": {"per_device_train_batch_size": 2, "save_steps": 2}}})
+    write_clean(params)
+    monkeypatch.setattr(loop, "GuardCallback", _killer(3))
+    with pytest.raises(Interrupt):
+        sft.run(params)
+    monkeypatch.undo()
+    original = loop.train_with_checkpoints
+    monkeypatch.setattr(loop, "train_with_checkpoints", lambda trainer, resume, d, s: original(trainer, None, d, s))
+    with pytest.raises(TunelineError, match=r"resuming from .*checkpoint-2, the trainer began at step 0, not 2"):
+        sft.run(params)
+    assert not Path(params.paths.sft_model).exists()
+    start = callbacks.StartCallback()
+    start.start_step, start.steps_run = 2, 5
+    with pytest.raises(TunelineError, match="ran 5 optimizer steps from step 2 to 5"):
+        start.check(Path("checkpoint-2"), 5, "sft")
+
+
+def _killer(step: int) -> type:
+    class Killed(GuardCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            if state.global_step == step:
+                raise Interrupt("killed")
+
+    return Killed
 
 
 def _fake_checkpoint(root: Path, step: int, run_id: str) -> Path:

@@ -1,4 +1,7 @@
-"""``tuneline doctor``: what this machine has and what the params would run on."""
+"""``tuneline doctor``: what this machine has and what the params would run on.
+
+Params that cannot be read or are invalid are reported after the table as the same error
+``tuneline params check`` gives (exit 2)."""
 
 from __future__ import annotations
 
@@ -35,10 +38,12 @@ def report(params_path: Path, console: Console) -> None:
             table.add_row(f"embedded model {name}", str(embedded_gguf(name)))
         except TunelineError as exc:
             table.add_row(f"embedded model {name}", f"[red]{exc}[/]")
+    failed: TunelineError | None = None
     try:
         params = load_params(params_path)
     except TunelineError as exc:
-        table.add_row("params", f"[red]{exc}[/]")
+        failed = exc
+        table.add_row("params", f"[red]{params_path}: invalid (below)[/]")
     else:
         device = "cuda" if cuda and params.model.device != "cpu" else "cpu"
         dtype = dtype_name(resolve_dtype(params.model, device))
@@ -48,3 +53,5 @@ def report(params_path: Path, console: Console) -> None:
         for problem in check_runtime(params):
             table.add_row("runtime problem", f"[red]{problem}[/]")
     console.print(table)
+    if failed is not None:
+        raise failed  # the CLI prints it and exits with its code (2 for bad params)

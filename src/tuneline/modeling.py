@@ -5,7 +5,9 @@ Rules (DESIGN.md, "The model loader"):
 - ``format: completion`` (base models): the tokenizer's chat template is removed, prompts
   are encoded with ``add_special_tokens=False`` and :meth:`Loaded.encode` refuses any
   prompt whose token ids contain a chat special token (checked by id, not by string).
-- ``format: chat``: the tokenizer's own template is applied exactly once, here.
+- ``format: chat``: the tokenizer's own template is applied exactly once, here; the
+  message contents are checked by id first, so text that encodes a special token
+  (``<|im_end|>``, any added special token) cannot forge a turn.
 - Safetensors only; ``trust_remote_code`` is never set; pickle checkpoints and configs
   that need custom code are refused.
 - ``quantization: nf4`` uses bitsandbytes on CUDA and is a clear error elsewhere.
@@ -139,16 +141,41 @@ def check_model_dir(path: str | Path) -> Path:
         config_data = json.loads(config.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise InputError(f"{config}: invalid JSON: {exc}") from exc
+    if not isinstance(config_data, dict):
+        raise InputError(
+            f"{config}: expected a JSON object of model settings, got a {type(config_data).__name__}"
+        )
     if "auto_map" in config_data:
         raise InputError(
             f"{config}: 'auto_map' asks for custom model code ({sorted(config_data['auto_map'])}); "
             "tuneline never runs code from a model repository (trust_remote_code is never set)"
         )
-    if not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        found = f"; found pickle files {pickles}, which tuneline refuses to load" if pickles else ""
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    found = f"; found pickle files {pickles}, which tuneline refuses to load" if pickles else ""
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         raise InputError(f"{path}: no *.safetensors weights{found}; convert the checkpoint to safetensors")
+    for file in weights:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise InputError(f"{file}: {problem}, not safetensors weights{found}")
     return path
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why ``file`` cannot be a safetensors file (its 8-byte header length and JSON
+    header are read), or None."""
+    size = file.stat().st_size
+    if size < 8:
+        return "is empty" if size == 0 else f"is only {size} bytes"
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if length < 2 or 8 + length > size:
+            return f"has a header length of {length} bytes in a {size}-byte file (truncated or not safetensors)"
+        start = handle.read(1)
+    if start != b"{":
+        return "does not start with a JSON header"
+    return None
 
 
 def check_adapter_dir(path: str | Path) -> Path:
@@ -198,6 +225,10 @@ class Loaded:
         if self.format == "chat":
             if isinstance(prompt, str):
                 prompt = [{"role": "user", "content": prompt}]
+            for message in prompt:
+                content = message.get("content")
+                if isinstance(content, str):
+                    check_no_special(self.tokenizer, self.tokenizer(content, add_special_tokens=False)["input_ids"], content)
             text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not isinstance(prompt, str):
@@ -238,7 +269,8 @@ class Loaded:
 
 
 def check_no_special(tokenizer: Any, ids: Sequence[int], text: str) -> None:
-    """Refuse a completion-format prompt that encodes a chat special token."""
+    """Refuse prompt text (a completion prompt, or a chat message's content) that encodes
+    a special token, checked by id: any token the tokenizer marks special counts."""
     special = chat_special_ids(tokenizer)
     hits = sorted({i for i in ids if i in special})
     if hits:
@@ -246,7 +278,8 @@ def check_no_special(tokenizer: Any, ids: Sequence[int], text: str) -> None:
         preview = text if len(text) <= 80 else text[:77] + "..."
         raise InputError(
             f"prompt {preview!r} encodes chat special token(s) {names} (ids {hits}); "
-            "completion-format prompts must not contain chat markers (model.format: completion)"
+            "prompt text must not contain special tokens, which only the loader adds (chat markers are the "
+            "chat template's)"
         )
 
 

@@ -11,12 +11,17 @@ declare, rather than re-declared here: the TrainingArguments settings of sft and
 (learning rate, batch, epochs, schedule...) live in ``<stage>.trainer`` under TRL's names,
 laid over ``SFT_TRAINER``/``DPO_TRAINER``.
 
-The code defaults are the committed ``params.yaml``: an empty params file runs the
-documented default pipeline.
+The code defaults are the committed ``params.yaml``: a params file holding ``{}`` runs the
+documented default pipeline. A file with no mapping (empty), duplicate keys at any depth,
+booleans where numbers are expected and non-finite numbers anywhere are refused; output
+paths are checked against each other, the inputs and the project (:func:`check_paths`).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,10 +30,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
@@ -36,12 +38,18 @@ from pydantic import (
 
 from tuneline.errors import InputError
 
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+# Numbers are strict: a YAML boolean is not 1 or 0 (an int is still a valid float).
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+PositiveFloat = Annotated[float, Strict(), Field(gt=0.0)]
+NonNegativeFloat = Annotated[float, Strict(), Field(ge=0.0)]
+Probability = Annotated[float, Strict(), Field(ge=0.0, le=1.0)]
+Fraction = Annotated[float, Strict(), Field(gt=0.0, lt=1.0)]
+TopP = Annotated[float, Strict(), Field(gt=0.0, le=1.0)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class PathsParams(Section):
@@ -94,7 +102,7 @@ class ComputeParams(Section):
 class LoraParams(Section):
     r: PositiveInt = 16
     alpha: PositiveInt = 32
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # dropout copies every input; short runs do not need it
+    dropout: Annotated[float, Strict(), Field(ge=0.0, lt=1.0)] = 0.0  # dropout copies every input; short runs do not need it
     target_modules: str | list[str] = "all-linear"
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -111,7 +119,7 @@ class TeacherSourceParams(Section):
     shots: NonNegativeInt = 2
     n_samples: PositiveInt = 1
     temperature: NonNegativeFloat = 0.7
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    top_p: TopP = 0.95
     max_new_tokens: PositiveInt = 384
     batch_size: PositiveInt = 8
     max_prompts: PositiveInt | None = 32
@@ -136,7 +144,7 @@ class GenerateSources(Section):
     teacher: TeacherSourceParams = TeacherSourceParams()
     imported: ImportSourceParams = Field(default=ImportSourceParams(), alias="import")
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class GenerateParams(Section):
@@ -146,9 +154,9 @@ class GenerateParams(Section):
 class CleanParams(Section):
     val_fraction: Fraction = 0.1
     over_length: Literal["drop", "truncate", "raise"] = "drop"
-    near_duplicate_jaccard: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    near_duplicate_jaccard: TopP = 0.9
     ngram: PositiveInt = 3
-    leakage_jaccard: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
+    leakage_jaccard: TopP = 0.8
     exclude_probe_destinations: bool = True
     min_kept: PositiveInt = 50
     max_rejected_fraction: Probability = 0.5
@@ -238,10 +246,10 @@ class PairsParams(Section):
     negatives_per_record: PositiveInt = 1
     max_records: PositiveInt | None = None
     on_policy: bool = False
-    on_policy_k: Annotated[int, Field(ge=2)] = 4
+    on_policy_k: Annotated[int, Strict(), Field(ge=2)] = 4
     on_policy_max_prompts: PositiveInt = 32
     on_policy_temperature: PositiveFloat = 0.8
-    on_policy_top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    on_policy_top_p: TopP = 0.95
     on_policy_max_new_tokens: PositiveInt = 320
     on_policy_batch_size: PositiveInt = 8
     include_imported: bool = True
@@ -274,7 +282,7 @@ class ProbeParams(Section):
     max_new_tokens: PositiveInt = 320
     do_sample: bool = False
     temperature: PositiveFloat = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_p: TopP = 1.0
     stratify_by: list[str] | None = None  # expect keys; None: the task's (travel: payload_type)
     # Merge the adapter into the base weights before generating: the same function up to
     # float rounding, and no LoRA side matmuls per token. Never done for nf4 bases.
@@ -362,11 +370,13 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | N
     return None
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def _format_error(err: dict[str, Any]) -> str | None:
     loc = tuple(err["loc"])
     path = ".".join(str(p) for p in loc) or "(root)"
     value = err.get("input")
     kind = err["type"]
+    if kind == "finite_number":
+        return None  # reported for every value in the file by _non_finite
     if kind == "extra_forbidden" and len(loc) == 2 and loc[0] in ("sft", "dpo") and loc[1] in MOVED_TO_TRAINER:
         return f"{path}: moved to {loc[0]}.trainer.{MOVED_TO_TRAINER[loc[1]]} (TRL's name for it)"
     if kind == "extra_forbidden":
@@ -375,6 +385,8 @@ def _format_error(err: dict[str, Any]) -> str:
         return f"{path}: unknown key{hint}"
     if kind == "missing":
         return f"{path}: required but missing"
+    if kind in ("int_type", "float_type") and isinstance(value, bool):
+        return f"{path}: {value!r} is a boolean, not {'an integer' if kind == 'int_type' else 'a number'}"
     msg = err["msg"].removeprefix("Value error, ")
     if kind == "greater_than" and err.get("ctx", {}).get("gt") == 0 and isinstance(value, int):
         msg = "is not a positive integer"
@@ -385,27 +397,50 @@ def _format_error(err: dict[str, Any]) -> str:
     return f"{path}: {value!r} {msg}" if value is not None and not isinstance(value, dict) else f"{path}: {msg}"
 
 
-def parse_params(data: Any, source: str = "params") -> Params:
-    """Validate a params mapping; raise ParamsError listing every problem."""
+def _non_finite(data: Any, where: str = "") -> list[str]:
+    """Every NaN or infinity in the params, wherever it is (no param takes one)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return [f"{where or '(root)'}: {data!r} is not a finite number (no param takes NaN or infinity)"]
+    if isinstance(data, dict):
+        return [p for key, value in data.items() for p in _non_finite(value, f"{where}.{key}" if where else str(key))]
+    if isinstance(data, list | tuple):
+        return [p for i, value in enumerate(data) for p in _non_finite(value, f"{where}[{i}]")]
+    return []
+
+
+def parse_params(
+    data: Any, source: str = "params", *, root: str | Path | None = None, problems: list[str] | None = None
+) -> Params:
+    """Validate a params mapping; raise ParamsError listing every problem.
+
+    ``root`` is the project directory (the one holding params.yaml): output paths must
+    lie inside it. ``problems`` found while reading the file (duplicate keys) are
+    reported with the rest.
+    """
+    problems = list(problems or [])
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ParamsError(source, [f"(root): expected a mapping of sections, got {type(data).__name__}"])
-    problems: list[str] = []
+        raise ParamsError(source, [*problems, f"(root): expected a mapping of sections, got {type(data).__name__}"])
+    problems.extend(_non_finite(data))
     try:
         params = Params.model_validate(data)
     except ValidationError as exc:
         params = None
         for err in exc.errors():
-            problems.extend(_format_error(err).split("; "))
+            message = _format_error(err)
+            if message is not None:
+                problems.extend(message.split("; "))
     for stage, defaults in (("sft", SFT_TRAINER), ("dpo", DPO_TRAINER)):
         section = data.get(stage)
         trainer = section.get("trainer") if isinstance(section, dict) else None
         if isinstance(trainer, dict):
             problems.extend(_check_trainer_values(stage, {**defaults, **trainer}))
+    if params is not None:
+        problems.extend(check_paths(params, root))
     if problems or params is None:
         raise ParamsError(source, problems)
-    problems = _check_passthrough(params)
+    problems = _check_passthrough(params) + _check_choices(params)
     if problems:
         raise ParamsError(source, problems)
     return params
@@ -439,20 +474,189 @@ def _check_passthrough(params: Params) -> list[str]:
     return problems
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``."""
-    path = Path(path)
+# Values TRL/transformers take from a list of their own; the defaults need no import.
+KNOWN_LOSS_TYPES = {"sigmoid"}
+KNOWN_SCHEDULERS = {"cosine", "linear", "constant"}
+
+
+def dpo_loss_types() -> list[str]:
+    """The loss types TRL's DPOConfig lists (its ``loss_type`` field's documentation)."""
+    import dataclasses
+
+    from trl import DPOConfig
+
+    field = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type")
+    return re.findall(r"`'([a-z0-9_]+)'`", field.metadata.get("help", ""))
+
+
+def lr_scheduler_types() -> list[str]:
+    from transformers.trainer_utils import SchedulerType
+
+    return [s.value for s in SchedulerType]
+
+
+def _check_choices(params: Params) -> list[str]:
+    """TRL-valued choices checked against TRL's and transformers' own lists; those
+    libraries are imported only for a value that is not a known default."""
+    problems = []
+    if params.dpo.loss_type not in KNOWN_LOSS_TYPES:
+        allowed = dpo_loss_types()
+        if allowed and params.dpo.loss_type not in allowed:
+            problems.append(f"dpo.loss_type: {params.dpo.loss_type!r} is not a TRL DPO loss type (allowed: {', '.join(allowed)})")
+    for stage in ("sft", "dpo"):
+        value = getattr(params, stage).trainer.get("lr_scheduler_type")
+        if value not in KNOWN_SCHEDULERS:
+            allowed = lr_scheduler_types()
+            if value not in allowed:
+                problems.append(
+                    f"{stage}.trainer.lr_scheduler_type: {value!r} is not a transformers scheduler "
+                    f"(allowed: {', '.join(allowed)})"
+                )
+    return problems
+
+
+# -- paths ---------------------------------------------------------------------------
+
+# params.paths entries a stage writes (each replaced whole or written into by its stage).
+OUTPUT_PATHS = (
+    "generated", "clean", "pairs", "base_model", "sft_model", "dpo_model", "checkpoints", "metrics", "reports",
+)
+
+
+def _inputs(params: Params, base: Path) -> list[tuple[str, str]]:
+    """``(param, value)`` of every path the stages read and do not write."""
+    inputs = [(f"paths.{name}", getattr(params.paths, name)) for name in ("seed_dir", "schema_file", "probe_suite")]
+    if params.generate.sources.imported.path:
+        inputs.append(("generate.sources.import.path", params.generate.sources.imported.path))
+    source = params.base.source
+    if source and (base / source).exists():
+        inputs.append(("base.source", source))
+    return [(name, value) for name, value in inputs if value]
+
+
+def _resolve(base: Path, value: str) -> Path:
+    return Path(os.path.normpath(base / os.path.expanduser(value)))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_paths(params: Params, root: str | Path | None = None) -> list[str]:
+    """Problems with the output paths: empty, the same as or nested in another output,
+    equal to or above an input, ``src/`` or the project, or (given ``root``, the
+    directory holding params.yaml) outside the project. Relative paths are relative to
+    ``root`` (the working directory when none is given)."""
+    base = Path(os.path.abspath(root if root is not None else os.getcwd()))
+    allowed = "allowed: a non-empty relative path inside the project, apart from every other output and input"
+    problems = []
+    outputs: list[tuple[str, str, Path]] = []
+    for name in OUTPUT_PATHS:
+        value = getattr(params.paths, name)
+        where = f"paths.{name}: {value!r}"
+        if not value.strip():
+            problems.append(f"{where} is empty, which would write into the project root ({allowed})")
+            continue
+        path = _resolve(base, value)
+        if root is not None and not _within(path, base):
+            problems.append(f"{where} is outside the project {base} ({allowed})")
+            continue
+        if _within(base, path):
+            problems.append(f"{where} is the project directory{' or above it' if path != base else ''} ({allowed})")
+            continue
+        if _within(base / "src", path):
+            problems.append(f"{where} would replace the source directory {base / 'src'} ({allowed})")
+            continue
+        outputs.append((name, value, path))
+    for i, (name, value, path) in enumerate(outputs):
+        for other, other_value, other_path in outputs[:i]:
+            if path == other_path:
+                problems.append(f"paths.{name}: {value!r} is the same directory as paths.{other} ({allowed})")
+            elif _within(path, other_path) or _within(other_path, path):
+                inner, outer = (name, other) if _within(path, other_path) else (other, name)
+                problems.append(
+                    f"paths.{name}: {value!r} and paths.{other}: {other_value!r} are nested (paths.{inner} is inside "
+                    f"paths.{outer}, which its stage replaces) ({allowed})"
+                )
+        for input_name, input_value in _inputs(params, base):
+            if _within(_resolve(base, input_value), path):
+                problems.append(
+                    f"paths.{name}: {value!r} is {input_name} ({input_value!r}) or a directory above it, which its "
+                    f"stage would overwrite ({allowed})"
+                )
+    return problems
+
+
+# -- reading the file ----------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, noting every key given twice in one mapping (DVC refuses them)."""
+
+    def __init__(self, stream: Any, source: str):
+        super().__init__(stream)
+        self.source = source
+        self.duplicates: list[tuple[int, str]] = []
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+                if key is None or isinstance(key, list | dict):
+                    continue
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    self.duplicates.append((
+                        line,
+                        f"{self.source}:{line}: duplicate key {key!r} (first at {self.source}:{seen[key]}); "
+                        "each key may appear once per mapping",
+                    ))
+                else:
+                    seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_params_file(path: Path) -> tuple[Any, list[str]]:
+    """The YAML document of a params file and its duplicate-key problems; a clear
+    InputError for a missing file, a directory, or text that is not UTF-8 YAML."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a params file (give the path of params.yaml)")
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError as exc:
         raise InputError(f"{path}: params file not found (run from the project root)") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the params file: {exc.strerror or exc}") from exc
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(raw) > 1 and b"\x00" in raw[:2]):
+        raise InputError(f"{path}: the params file is UTF-16 encoded; save it as UTF-8")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); a params file is UTF-8 YAML"
+        ) from exc
+    if "\x00" in text:
+        raise InputError(f"{path}: holds NUL bytes (a binary file?); a params file is UTF-8 YAML")
+    loader = _UniqueKeyLoader(text, str(path))
+    try:
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise InputError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
-    return parse_params(data, str(path))
+        raise InputError(f"{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from exc
+    finally:
+        loader.dispose()
+    if data is None:
+        raise InputError(f"{path}: the params file is empty (no mapping); write `{{}}` for the defaults")
+    return data, [text for _, text in sorted(loader.duplicates)]
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml`` (output paths must lie in its directory)."""
+    path = Path(path)
+    data, duplicates = read_params_file(path)
+    return parse_params(data, str(path), root=path.resolve().parent, problems=duplicates)
 
 
 def check_runtime(params: Params) -> list[str]:

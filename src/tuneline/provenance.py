@@ -89,6 +89,18 @@ def stamp(**extra: Any) -> dict[str, Any]:
     return {"git": git_info(), "versions": library_versions(), **extra}
 
 
+def project_path(path: str | Path, sha256: str, root: str | Path | None = None) -> tuple[str, bool]:
+    """How a local path is recorded in git-tracked files: relative to the project
+    (``root``, the working directory by default) when inside it, else its basename
+    with its content hash, never an absolute path. Returns ``(text, inside)``."""
+    base = Path(root or os.getcwd()).resolve()
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(base).as_posix() or ".", True
+    except ValueError:
+        return f"{resolved.name} (outside the project; sha256 {sha256})", False
+
+
 def run_provenance_path(reports: str | Path, stage: str) -> Path:
     return Path(reports) / "provenance" / f"{stage}.json"
 

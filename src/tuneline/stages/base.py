@@ -12,7 +12,9 @@ Params: ``base``, ``paths.base_model``, ``paths.reports``.
 The model directory holds content only: the same source gives the same bytes from any
 commit, checkout path or machine, so DVC sees an unchanged base and re-runs nothing
 downstream. What names the run (commit, dirty flag, versions, local source path) goes to
-the sidecar under ``reports/``.
+the sidecar under ``reports/``, which git tracks: a local source is recorded relative to
+the project, or (outside it, with a warning that DVC does not track it) as its basename
+and content hash, never as an absolute path.
 """
 
 from __future__ import annotations
@@ -22,15 +24,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from tuneline.errors import InputError, TunelineError
 from tuneline.modeling import EMBEDDED, check_model_dir, embedded_gguf
 from tuneline.params import Params
-from tuneline.provenance import sha256_file, sha256_path, write_run_provenance
+from tuneline.provenance import project_path, sha256_file, sha256_path, write_run_provenance
 from tuneline.records import atomic_dir, write_json
 
 __all__ = ["EMBEDDED", "embedded_gguf", "run"]
 # Files copied from a local model directory: weights, config and tokenizer, nothing executable.
 COPY_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model", ".tiktoken")
+console = Console(stderr=True)
 
 
 def _from_gguf(gguf: Path, out: Path) -> dict[str, Any]:
@@ -94,5 +99,14 @@ def run(params: Params) -> dict[str, Any]:
         # A local directory is named by its content hash inside, by its path in the sidecar.
         named = source if info["kind"] != "local" else None
         write_json(tmp / "provenance.json", {"source": named, **info, "content_sha256": content})
-    write_run_provenance(params, "base", {"source": source, "content_sha256": content})
-    return {"source": source, "content_sha256": content}
+    recorded = source
+    if info["kind"] == "local":
+        recorded, inside = project_path(source, info["source_sha256"])
+        if not inside:
+            console.print(
+                f"[bold yellow]WARNING[/] base.source: {source} is outside the project, so DVC does not track it "
+                "as a dependency of the base stage: a change to it will not re-run the pipeline "
+                "(copy it into the project, or record its hash, as reports/provenance/base.json does)"
+            )
+    write_run_provenance(params, "base", {"source": recorded, "content_sha256": content})
+    return {"source": recorded, "content_sha256": content}

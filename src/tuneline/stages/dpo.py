@@ -14,7 +14,9 @@ process per GPU); the main process alone prints the plan and writes the outputs.
 
 The SFT adapter is merged into the base and a fresh LoRA adapter is trained on top, so
 TRL's reference (the model with adapters disabled) is exactly the SFT model: at step 0
-the chosen and rejected rewards are zero. The DPO adapter therefore applies to
+the chosen and rejected rewards are zero (in float32 to rounding; in bf16 precomputed
+reference log-probs come from a differently batched pass, so they differ by bf16
+rounding: docs/TRAINING.md). The DPO adapter therefore applies to
 base + merged SFT; ``provenance.json`` records ``"parent"`` and ``"stack"`` and
 ``tuneline.modeling.load_for_eval`` loads it that way. The loop is
 ``tuneline.training.train_adapter``, as for sft.

@@ -2,8 +2,8 @@
 
 - ``arguments``: ``lora_config``, ``trainer_args`` (TrainingArguments fields).
 - ``plan``: ``Plan``, ``make_plan``, ``plan_for_trainer``, ``announce_plan``.
-- ``callbacks``: ``GuardCallback``, ``ThroughputCallback``, ``MarkerCallback`` and the
-  weights-changed check.
+- ``callbacks``: ``GuardCallback``, ``ThroughputCallback``, ``MarkerCallback``, ``StartCallback``
+  and the weights-changed check.
 - ``checkpoints``: run fingerprints, resume, finish.
 - ``distributed``: main process, barriers, shared datasets, FSDP state.
 - ``outputs``: the model directory, model card, plots, metrics helpers.
@@ -19,6 +19,7 @@ from tuneline.training.arguments import liger_available, lora_config, trainer_ar
 from tuneline.training.callbacks import (
     GuardCallback,
     MarkerCallback,
+    StartCallback,
     ThroughputCallback,
     check_weights_changed,
     trainable_snapshot,
@@ -53,7 +54,7 @@ from tuneline.training.outputs import (
 from tuneline.training.plan import Plan, announce_plan, make_plan, plan_for_trainer
 
 __all__ = [
-    "FINISHED", "MARKER", "GuardCallback", "Job", "MarkerCallback", "Plan", "ThroughputCallback", "adapter_stack",
+    "FINISHED", "MARKER", "GuardCallback", "Job", "MarkerCallback", "Plan", "StartCallback", "ThroughputCallback", "adapter_stack",
     "announce_plan", "base_provenance", "check_weights_changed", "data_hashes", "drop_shared_dataset", "epoch_losses", "last_logged",
     "fingerprint", "finish_checkpoints", "is_main_process", "liger_available", "load_for_eval",
     "load_for_training", "lora_config", "make_plan", "manifest", "merge_adapter", "model_card",

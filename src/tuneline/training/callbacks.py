@@ -5,6 +5,8 @@
   whose adapter weights did not move.
 - ``ThroughputCallback``: steady-state seconds and tokens per second.
 - ``MarkerCallback``: marks a checkpoint complete once the trainer has written it.
+- ``StartCallback``: the global step the trainer starts from once it has loaded a
+  checkpoint, and the optimizer steps it runs: what resume metrics are made of.
 """
 
 from __future__ import annotations
@@ -149,3 +151,35 @@ class MarkerCallback(TrainerCallback):
         directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if directory.is_dir():
             write_marker(directory, self.run_fingerprint, state.global_step)
+
+
+class StartCallback(TrainerCallback):
+    """The trainer's own account of a run: ``start_step`` is its global step when training
+    begins (after a checkpoint's trainer state, optimizer and scheduler are loaded) and
+    ``steps_run`` the optimizer steps it then runs. A resumed run that started over, or
+    ran the steps before its checkpoint again, shows it here."""
+
+    def __init__(self) -> None:
+        self.start_step: int | None = None
+        self.steps_run = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start_step = int(state.global_step)
+        self.steps_run = 0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.steps_run += 1
+
+    def check(self, resume: Path | None, end_step: int, stage: str) -> None:
+        """The trainer started where the checkpoint left off and ran only the rest."""
+        expected = int(resume.name.split("-")[1]) if resume else 0
+        if self.start_step != expected:
+            where = f"resuming from {resume}" if resume else "starting from scratch"
+            raise TunelineError(
+                f"{stage}: {where}, the trainer began at step {self.start_step}, not {expected}; no adapter was written"
+            )
+        if self.steps_run != end_step - self.start_step:
+            raise TunelineError(
+                f"{stage}: the trainer ran {self.steps_run} optimizer steps from step {self.start_step} to "
+                f"{end_step}; no adapter was written"
+            )

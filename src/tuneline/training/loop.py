@@ -22,6 +22,7 @@ from tuneline.records import atomic_dir, commit_staged, read_json, write_json
 from tuneline.training.callbacks import (
     GuardCallback,
     MarkerCallback,
+    StartCallback,
     ThroughputCallback,
     check_weights_changed,
     trainable_snapshot,
@@ -83,12 +84,15 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
     trainer.add_callback(MarkerCallback(job.run_id))
     throughput = ThroughputCallback()
     trainer.add_callback(throughput)
+    start = StartCallback()
+    trainer.add_callback(start)
     initial = trainable_snapshot(trainer.model)
     resume = resume_checkpoint(ckpt_dir, job.run_id, stage)
     started = time.perf_counter()
     result = train_with_checkpoints(trainer, resume, ckpt_dir, stage)
     runtime = time.perf_counter() - started
     check_steps(trainer.state.global_step, plan, stage)
+    start.check(resume, trainer.state.global_step, stage)
     model, state = trained_model(trainer)
     if not main:
         wait_for_everyone()
@@ -117,7 +121,7 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
         "plan": plan.as_dict(),
         "warnings": warnings,
         **results,
-        **timing(runtime, resume, plan),
+        **timing(runtime, start.start_step, plan),
         **throughput.summary(plan.tokens_total / max(plan.optimizer_steps, 1)),
         "eval_loss_per_epoch": epoch_losses(history),
         "plots": write_plots(history, plot_dir, job.plot_keys),
@@ -138,10 +142,12 @@ def check_steps(steps: int, plan: Plan, stage: str) -> None:
         )
 
 
-def timing(runtime: float, resume: Path | None, plan: Plan) -> Mapping[str, Any]:
-    """Wall time and tokens per second of a run that started from scratch."""
+def timing(runtime: float, start_step: int | None, plan: Plan) -> Mapping[str, Any]:
+    """Wall time, tokens per second of a run that started from scratch, and the step
+    the trainer itself resumed from (its global step when training began)."""
+    resumed = bool(start_step)
     return {
         "runtime_s": round(runtime, 2),
-        "tokens_per_s": round(plan.tokens_total / runtime, 2) if resume is None and runtime > 0 else None,
-        "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
+        "tokens_per_s": round(plan.tokens_total / runtime, 2) if not resumed and runtime > 0 else None,
+        "resumed_from_step": start_step if resumed else None,
     }
