@@ -14,6 +14,8 @@ from training_data import tiny_params, write_clean
 from tuneline.modeling import load_for_eval, load_for_training
 from tuneline.params import Params
 from tuneline.stages import dpo, pairs, sft
+from tuneline.training import dpo as dpo_method
+from tuneline.training.data import read_sample
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +34,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> P
 
 def _eval_metrics(params: Params, merge: list[Path]) -> dict[str, float]:
     loaded = load_for_training(params, False, merge=merge)
-    rows = dpo.to_rows(loaded, dpo.read_pairs(Path(params.paths.pairs) / "train.jsonl", 4, 0), Path("pairs"))
-    trainer = dpo.build_trainer(params, loaded, rows, Path(params.paths.checkpoints) / "probe-ref")
+    pairs_read = read_sample(Path(params.paths.pairs) / "train.jsonl", dpo_method.PAIR_FIELDS, 4, 0)
+    rows = dpo_method.to_rows(loaded, pairs_read, Path("pairs"))
+    trainer = dpo_method.build_trainer(params, loaded, rows, Path(params.paths.checkpoints) / "probe-ref")
     return trainer.evaluate(eval_dataset=Dataset.from_list(rows))
 
 

@@ -109,7 +109,7 @@ def test_on_policy_samples_the_sft_model_and_pairs_best_with_worst(
     records = _records()[2:]
     for n, r in enumerate(records, start=1):
         r["_line"] = n
-    from tuneline.training import load_for_eval
+    from tuneline.modeling import load_for_eval
 
     samples = pairs.sample(load_for_eval(params, params.paths.sft_model), [r["prompt"] for r in records[:2]], params)
     assert [len(group) for group in samples] == [2, 2]

@@ -15,6 +15,7 @@ from tuneline.modeling import load
 from tuneline.records import write_json
 from tuneline.stages import sft
 from tuneline.training import MARKER, GuardCallback, loop, manifest, resume_checkpoint
+from tuneline.training import sft as sft_method
 
 
 def test_prompt_masked_terminator_in_loss(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -23,8 +24,8 @@ def test_prompt_masked_terminator_in_loss(tmp_path: Path, tiny_model_dir: Path) 
     records = clean_records()[:3]
     for n, r in enumerate(records, start=1):
         r["_line"] = n
-    rows, stats = sft.tokenize(loaded, records, 2048, Path("train.jsonl"))
-    trainer = sft.build_trainer(params, loaded, rows, [], tmp_path / "ckpt")
+    rows, stats = sft_method.tokenize(loaded, records, 2048, Path("train.jsonl"))
+    trainer = sft_method.build_trainer(params, loaded, rows, [], tmp_path / "ckpt")
     eos = loaded.tokenizer.eos_token_id
     assert loaded.tokenizer.pad_token_id == eos  # the case where a naive collator would mask the terminator
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])

@@ -15,7 +15,6 @@ import torch
 
 from training_data import tiny_params, write_clean
 from tuneline.errors import InputError, TunelineError
-from tuneline.stages import sft
 from tuneline.training import (
     MARKER,
     GuardCallback,
@@ -27,6 +26,8 @@ from tuneline.training import (
     pick_checkpoint,
     train_adapter,
 )
+from tuneline.training import sft as sft_method
+from tuneline.training.data import read_sample
 from tuneline.training.outputs import sort_adapter_config
 
 TESTS = Path(__file__).resolve().parent
@@ -105,11 +106,11 @@ def test_guards_name_the_step_and_refuse_unchanged_weights() -> None:
 def _sft_pieces(params):
     from tuneline.modeling import load_for_training
 
-    records = sft.read_records(Path(params.paths.clean) / "train.jsonl", None, 0)
+    records = read_sample(Path(params.paths.clean) / "train.jsonl", sft_method.RECORD_FIELDS, None, 0)
     loaded = load_for_training(params, False)
-    rows, stats = sft.tokenize(loaded, records, 2048, Path("train.jsonl"))
-    trainer = sft.build_trainer(params, loaded, rows, [], Path(params.paths.checkpoints) / "sft")
-    return loaded, trainer, sft.plan_for(params, trainer, stats, 0)
+    rows, stats = sft_method.tokenize(loaded, records, 2048, Path("train.jsonl"))
+    trainer = sft_method.build_trainer(params, loaded, rows, [], Path(params.paths.checkpoints) / "sft")
+    return loaded, trainer, sft_method.plan_for(params, trainer, stats, 0)
 
 
 def _job(params, **extra) -> Job:
@@ -223,3 +224,17 @@ def test_base_is_byte_identical_after_a_commit_that_changes_only_readme(tmp_path
     assert first == second
     prov = json.loads(first["provenance.json"])
     assert "git" not in prov and "versions" not in prov and str(tiny_model_dir) not in first["provenance.json"].decode()
+
+
+def test_a_checkpoint_left_by_other_code_is_never_resumed(monkeypatch):
+    """The run fingerprint covers the code: a checkpoint from other library versions or
+    other tuneline sources would not continue the steps this code takes."""
+    from tuneline.training import checkpoints
+
+    same = checkpoints.fingerprint(params={"lr": 1}, data="abc")
+    assert checkpoints.fingerprint(params={"lr": 1}, data="abc") == same
+    identity = checkpoints.code_identity()
+    monkeypatch.setattr(checkpoints, "code_identity", lambda: {**identity, "libraries": {"torch": "0.0"}})
+    assert checkpoints.fingerprint(params={"lr": 1}, data="abc") != same
+    monkeypatch.setattr(checkpoints, "code_identity", lambda: {**identity, "tuneline_sources": "0" * 64})
+    assert checkpoints.fingerprint(params={"lr": 1}, data="abc") != same

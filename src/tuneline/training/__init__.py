@@ -7,14 +7,14 @@
 - ``checkpoints``: run fingerprints, resume, finish.
 - ``distributed``: main process, barriers, shared datasets, FSDP state.
 - ``outputs``: the model directory, model card, plots, metrics helpers.
+- ``data``: ``read_sample``, the records a stage trains on.
 - ``loop``: ``train_adapter``, the one loop both stages run.
+- ``sft``, ``dpo``: each method's tokenization, TRL trainer and plan (imported as
+  ``tuneline.training.sft`` / ``.dpo``, not re-exported).
 
-Loading (the base, adapter stacks for training and evaluation) is
-``tuneline.modeling``'s; ``load_for_eval`` and ``load_for_training`` are re-exported
-here for older imports.
+Loading (the base, adapter stacks for training and evaluation) is ``tuneline.modeling``'s.
 """
 
-from tuneline.modeling import adapter_stack, load_for_eval, load_for_training, merge_adapter
 from tuneline.training.arguments import liger_available, lora_config, trainer_args
 from tuneline.training.callbacks import (
     GuardCallback,
@@ -34,6 +34,7 @@ from tuneline.training.checkpoints import (
     resume_checkpoint,
     train_with_checkpoints,
 )
+from tuneline.training.data import read_sample
 from tuneline.training.distributed import (
     drop_shared_dataset,
     is_main_process,
@@ -56,9 +57,9 @@ from tuneline.training.plan import Plan, announce_plan, make_plan, plan_for_trai
 __all__ = [
     "FINISHED", "MARKER", "GuardCallback", "Job", "MarkerCallback", "Plan", "StartCallback", "ThroughputCallback", "adapter_stack",
     "announce_plan", "base_provenance", "check_weights_changed", "data_hashes", "drop_shared_dataset", "epoch_losses", "last_logged",
-    "fingerprint", "finish_checkpoints", "is_main_process", "liger_available", "load_for_eval",
-    "load_for_training", "lora_config", "make_plan", "manifest", "merge_adapter", "model_card",
-    "pick_checkpoint", "plan_for_trainer", "resume_checkpoint", "shared_dataset", "train_adapter",
+    "fingerprint", "finish_checkpoints", "is_main_process", "liger_available",
+    "lora_config", "make_plan", "manifest", "model_card",
+    "pick_checkpoint", "plan_for_trainer", "read_sample", "resume_checkpoint", "shared_dataset", "train_adapter",
     "train_with_checkpoints", "trainable_snapshot", "trained_model", "trainer_args", "wait_for_everyone",
     "write_model_dir", "write_plots",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from tuneline.errors import TunelineError
-from tuneline.provenance import sha256_file
+from tuneline.provenance import library_versions, sha256_file
 from tuneline.records import read_json, write_json
 from tuneline.training.distributed import is_main_process, wait_for_everyone
 
@@ -28,10 +28,22 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 console = Console(stderr=True)
 
 
+def code_identity() -> dict[str, Any]:
+    """The code a run trains with: a hash of the tuneline package's sources and the
+    library versions, so a checkpoint left by other code is never resumed (its steps
+    would not be the steps this code takes)."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode("utf-8") + b"\0")
+        digest.update(source.read_bytes())
+    return {"tuneline_sources": digest.hexdigest(), "libraries": library_versions()}
+
+
 def fingerprint(**parts: Any) -> str:
-    """A hash of what determines a run (params, data and base hashes): checkpoints of a
-    different run are never resumed."""
-    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    """A hash of what determines a run (params, data and base hashes, the code): checkpoints
+    of a different run are never resumed."""
+    text = json.dumps({**parts, "code": code_identity()}, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
