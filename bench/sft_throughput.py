@@ -204,9 +204,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from tuneline.attention import register
-    from tuneline.modeling import lora_config
     from tuneline.params import LoraParams
-    from tuneline.training import liger_available
+    from tuneline.training import liger_available, lora_config
 
     began = time.perf_counter()
     register()

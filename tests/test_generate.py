@@ -195,7 +195,7 @@ def test_import_alpaca_list_file(tmp_path):
     assert records[0]["prompt"] == "Plan a day in Oslo." and records[0]["completion"] == '{"a": 1}'
     assert records[1]["prompt"] == "Translate\n\nhello"
     assert records[1]["provenance"]["line"] == 3 and records[1]["provenance"]["format"] == "alpaca"
-    assert records[1]["provenance"]["file"] == "alpaca.json"  # outside the repository: its name
+    assert records[1]["provenance"]["file"].startswith("alpaca.json (outside the project; sha256 ")  # outside the repository: its name
     assert records[1]["provenance"]["outside_repo"] is True
 
 

@@ -40,7 +40,7 @@ from tuneline.contract import Contract, load_contract, parse_lenient
 from tuneline.datagen import imports, teacher
 from tuneline.errors import InputError
 from tuneline.params import Params
-from tuneline.provenance import sha256_file, sha256_path, stamp
+from tuneline.provenance import project_path, sha256_file, sha256_path, stamp
 from tuneline.records import read_jsonl, write_json, write_jsonl
 
 GOLD = "gold.jsonl"
@@ -193,7 +193,8 @@ def _import_records(
     assert ip.path is not None  # enforced by the params model
     result = imports.read_import(ip.path, ip.format)
     file_hash = sha256_path(ip.path)
-    file_ref, outside = _portable_path(Path(ip.path))
+    file_ref, inside = project_path(ip.path, file_hash)
+    outside = not inside
     _warn_import(params, Path(ip.path), outside, result)
 
     def provenance(line: int | None, record: int, original_id: Any) -> dict[str, Any]:
@@ -254,16 +255,6 @@ def _import_records(
         }
     )
     return records, preferences, stats
-
-
-def _portable_path(path: Path) -> tuple[str, bool]:
-    """The import's path as written to tracked files: relative to the repository root (the
-    stage's working directory, where params.yaml is), or its bare name for a file outside
-    it (the content hash beside it identifies it); and whether it is outside."""
-    try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix(), False
-    except ValueError:
-        return path.name, True
 
 
 def _warn_import(params: Params, path: Path, outside: bool, result: imports.Imported) -> None:

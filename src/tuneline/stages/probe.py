@@ -142,6 +142,35 @@ def summarize(samples: Sequence[Mapping[str, Any]], root_fields: Sequence[str], 
     return metrics
 
 
+def make_sample(model: str, line: Mapping[str, Any], prompt: Any, gen: Any, contract: Any) -> dict[str, Any]:
+    """One probe sample: the suite line, the output and its verdict."""
+    sample = {
+        "id": line["id"],
+        "model": model,
+        "prompt": prompt,
+        "expect": line["expect"],
+        "output": gen.text,
+        "finish_reason": gen.finish_reason,
+        "n_tokens": gen.n_tokens,
+        **judge(gen.text, gen.finish_reason, line["expect"], contract),
+    }
+    if "meta" in line:
+        sample["meta"] = line["meta"]
+    return sample
+
+
+def decoding(params: Params) -> dict[str, Any]:
+    pp = params.probe
+    return {
+        "do_sample": pp.do_sample,
+        "temperature": pp.temperature if pp.do_sample else None,
+        "top_p": pp.top_p if pp.do_sample else None,
+        "max_new_tokens": pp.max_new_tokens,
+        "batch_size": pp.batch_size,
+        "seed": params.seed,
+    }
+
+
 def run(params: Params, model: str) -> dict[str, Any]:
     from tuneline import tasks
     from tuneline.contract import load_contract
@@ -173,23 +202,11 @@ def run(params: Params, model: str) -> dict[str, Any]:
         seed=params.seed if pp.do_sample else None,
         desc=f"probe {model}",
     )
-    generations = [gen for (gen,) in outputs]
 
-    samples = []
-    for line, prompt, gen in zip(suite, prompts, generations, strict=True):
-        sample = {
-            "id": line["id"],
-            "model": model,
-            "prompt": prompt,
-            "expect": line["expect"],
-            "output": gen.text,
-            "finish_reason": gen.finish_reason,
-            "n_tokens": gen.n_tokens,
-            **judge(gen.text, gen.finish_reason, line["expect"], contract),
-        }
-        if "meta" in line:
-            sample["meta"] = line["meta"]
-        samples.append(sample)
+    samples = [
+        make_sample(model, line, prompt, gen, contract)
+        for line, prompt, gen in zip(suite, prompts, [gen for (gen,) in outputs], strict=True)
+    ]
 
     metrics = summarize(samples, contract.schema.get("required", []), seconds)
     metrics["model"] = model
@@ -200,14 +217,7 @@ def run(params: Params, model: str) -> dict[str, Any]:
         suite=str(suite_path),
         n_suite_selected=len(suite),
         contract=str(params.paths.schema_file),
-        decoding={
-            "do_sample": pp.do_sample,
-            "temperature": pp.temperature if pp.do_sample else None,
-            "top_p": pp.top_p if pp.do_sample else None,
-            "max_new_tokens": pp.max_new_tokens,
-            "batch_size": pp.batch_size,
-            "seed": params.seed,
-        },
+        decoding=decoding(params),
     )
     write_jsonl(paths.samples, samples)
     write_jsonl(paths.failures, group_failures(samples))
