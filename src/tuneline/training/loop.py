@@ -76,8 +76,6 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
     metrics_path, plot_dir, ckpt_dir = job_paths(params, stage)
     main = trainer.is_world_process_zero()
     warnings = announce_plan(plan, stage, section.min_optimizer_steps, section.strict_plan, show=main)
-    if main:
-        write_json(metrics_path, {"status": "training", "plan": plan.as_dict(), "warnings": warnings})
 
     match_adapter_dtype(trainer)
     trainer.add_callback(GuardCallback(stage))
