@@ -31,7 +31,7 @@ print(json.dumps({"final_loss": metrics["final_loss"], "train_loss": metrics["tr
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Params:
     root = tmp_path_factory.mktemp("determinism")
     # A large DPO learning rate so that any difference in a step shows in the weights.
-    params = tiny_params(root, tiny_model_dir, {"sft": {"learning_rate": 5e-3}, "dpo": {"learning_rate": 1e-2}})
+    params = tiny_params(root, tiny_model_dir, {"sft": {"trainer": {"learning_rate": 5e-3}}, "dpo": {"trainer": {"learning_rate": 1e-2}}})
     write_clean(params)
     sft.run(params)
     pairs.run(params)
