@@ -104,7 +104,7 @@ def test_values_that_failed_after_loading_the_model_are_refused_together(tmp_pat
         "sft:\n  trainer:\n    num_train_epochs: .inf\n    lr_scheduler_type: cosine_wrong\n"
         "  lora:\n    dropout: .nan\n    r: true\n"
         "dpo:\n  loss_type: sigmod\n  beta: -.inf\n"
-        "compare:\n  n_resamples: false\n"
+        "probe:\n  max_new_tokens: false\n"
     ))
     problems = _problems(path)
     text = "\n".join(problems)
@@ -113,7 +113,7 @@ def test_values_that_failed_after_loading_the_model_are_refused_together(tmp_pat
     assert "sft.lora.dropout: nan is not a finite number" in text
     assert "sft.lora.r: True is a boolean" in text
     assert "dpo.beta: -inf is not a finite number" in text
-    assert "compare.n_resamples: False is a boolean" in text
+    assert "probe.max_new_tokens: False is a boolean" in text
     # TRL's and transformers' own lists (checked once the rest is valid)
     fixed = path.read_text().replace("seed: true", "seed: 0").replace(".inf\n", "1.0\n", 1)
     fixed = fixed.replace(".nan", "0.0").replace("r: true", "r: 4").replace("-.inf", "0.1").replace("false", "2000")
