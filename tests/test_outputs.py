@@ -164,3 +164,28 @@ def test_files_written_into_a_directory_being_built_land_in_it(tmp_path: Path) -
         assert not (tmp_path / "model").exists()
     assert json.loads((tmp_path / "model/provenance.json").read_text()) == {"a": 2}
     assert sorted(p.name for p in tmp_path.rglob(".*")) == []
+
+
+def test_dirty_means_code_or_inputs_not_the_pipelines_own_outputs(tmp_path: Path) -> None:
+    """A full repro from a clean checkout rewrites tracked metrics and dvc.lock as it goes;
+    the stages after the first must still stamp dirty: false. An edited input is dirty."""
+    from tuneline.provenance import git_info
+
+    (tmp_path / "params.yaml").write_text("paths:\n  metrics: metrics\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  probe:\n    foreach: [a, b]\n    do:\n      cmd: x\n"
+        "      metrics:\n        - ${paths.metrics}/probe/${key}.json:\n            cache: false\n"
+    )
+    for rel, text in {"metrics/probe/a.json": "{}\n", "dvc.lock": "x\n", "src.py": "x = 1\n"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=tmp_path, check=True)
+    (tmp_path / "metrics/probe/a.json").write_text('{"n": 1}\n')
+    (tmp_path / "dvc.lock").write_text("y\n")
+    assert git_info(str(tmp_path))["dirty"] is False
+    (tmp_path / "src.py").write_text("x = 2  # edited\n")
+    git_info.cache_clear()  # one answer per process; a new stage is a new process
+    assert git_info(str(tmp_path))["dirty"] is True

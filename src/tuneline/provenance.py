@@ -55,19 +55,61 @@ def sha256_path(path: str | Path) -> str:
 
 @functools.cache
 def git_info(cwd: str | None = None) -> dict[str, Any]:
-    """The git commit and whether tracked files differ from it (None outside a repo)."""
+    """The git commit and whether the code and inputs differ from it (None outside a repo).
+
+    ``dirty`` ignores what the pipeline itself writes into git-tracked files (``dvc.lock``
+    and every stage output, metric and plot ``dvc.yaml`` declares, e.g. ``metrics/``), so a
+    full ``dvc repro`` from a clean checkout stamps ``dirty: false`` on every stage, not
+    just the first."""
     where = cwd or os.getcwd()
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "-z"],
             cwd=where, capture_output=True, text=True, check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return {"sha": None, "dirty": None}
-    return {"sha": sha, "dirty": bool(status.strip())}
+    changed = [entry[3:] for entry in status.split("\0") if len(entry) > 3]
+    written = pipeline_outputs(Path(where))
+    return {"sha": sha, "dirty": any(not _is_output(path, written) for path in changed)}
+
+
+def pipeline_outputs(root: Path) -> list[str]:
+    """``dvc.lock`` and the outs, metrics and plots of ``dvc.yaml``'s stages as patterns
+    (``${paths.*}`` from params.yaml; a ``foreach`` stage's ``${key}``/``${item}`` as ``*``)."""
+    import re
+
+    import yaml
+
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {})
+        params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return ["dvc.lock"]
+
+    def value(match: re.Match[str]) -> str:
+        node: Any = params
+        for key in match.group(1).split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        return str(node) if isinstance(node, str | int | float) else "*"
+
+    patterns = ["dvc.lock"]
+    for stage in stages.values():
+        body = stage.get("do", stage) if isinstance(stage, dict) else {}
+        for kind in ("outs", "metrics", "plots"):
+            for entry in body.get(kind) or []:
+                for path in entry if isinstance(entry, dict) else [entry]:
+                    patterns.append(re.sub(r"\$\{([^}]+)\}", value, str(path)).rstrip("/"))
+    return patterns
+
+
+def _is_output(path: str, patterns: list[str]) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, p + "/*") for p in patterns)
 
 
 @functools.cache
