@@ -133,17 +133,20 @@ def test_project_pipeline_reads_and_writes_only_what_it_declares(tiny_model_dir,
     assert {r["stage"] for r in reports} >= {"base", "generate", "clean", "sft", "pairs", "dpo", "compare"}
 
 
-def test_metrics_differing_only_in_git_stamp_count_as_deterministic(tmp_path):
+def test_outputs_differing_only_in_git_stamp_or_metric_timings_count_as_deterministic(tmp_path):
     import hashlib
     import json
 
-    from tuneline.verify import _differs_only_in_git_stamp
+    from tuneline.verify import _differs_only_in_run_facts
 
     old = tmp_path / "old.json"
     new = tmp_path / "new.json"
-    old.write_text(json.dumps({"kept": 5, "provenance": {"git": {"sha": "a"}, "seed": 0}}))
+    old.write_text(json.dumps({"kept": 5, "runtime_s": 1.5, "tokens_per_s": 9.0, "provenance": {"git": {"sha": "a"}, "seed": 0}}))
     md5 = hashlib.md5(old.read_bytes()).hexdigest()
-    new.write_text(json.dumps({"kept": 5, "provenance": {"git": {"sha": "b"}, "seed": 0}}))
-    assert _differs_only_in_git_stamp(old, new, md5)
-    new.write_text(json.dumps({"kept": 6, "provenance": {"git": {"sha": "b"}, "seed": 0}}))
-    assert not _differs_only_in_git_stamp(old, new, md5)
+    new.write_text(json.dumps({"kept": 5, "runtime_s": 2.5, "tokens_per_s": 7.0, "provenance": {"git": {"sha": "b"}, "seed": 0}}))
+    assert _differs_only_in_run_facts(old, new, md5, metric=True)
+    assert not _differs_only_in_run_facts(old, new, md5, metric=False)  # timings count outside metrics
+    new.write_text(json.dumps({"kept": 6, "runtime_s": 1.5, "tokens_per_s": 9.0, "provenance": {"git": {"sha": "b"}, "seed": 0}}))
+    assert not _differs_only_in_run_facts(old, new, md5, metric=True)
+    new.write_text(json.dumps({"kept": 5, "runtime_s": 1.5, "tokens": 10, "provenance": {"git": {"sha": "a"}, "seed": 0}}))
+    assert not _differs_only_in_run_facts(old, new, md5, metric=True)

@@ -544,11 +544,11 @@ class OutputCheck:
     fresh: str | None
     files: list[dict[str, Any]] = field(default_factory=list)
     diff: list[str] = field(default_factory=list)
-    only_git_stamp: bool = False
+    only_run_facts: bool = False
 
     @property
     def same(self) -> bool:
-        return self.lock == self.fresh or self.only_git_stamp
+        return self.lock == self.fresh or self.only_run_facts
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -572,17 +572,27 @@ def _text_diff(workspace: Path, fresh: Path, lock_md5: str | None, limit: int = 
     return list(itertools.islice(lines, limit))
 
 
-def _without_git(value: Any) -> Any:
+TIMING = re.compile(r"(^|_)(s|per_s)$")  # runtime_s, generation_s, tokens_per_s: seconds and rates
+
+
+def _without_run_facts(value: Any, timings: bool) -> Any:
+    """``value`` without what names the run rather than its result: the git stamp and,
+    in a metrics file, wall-clock timings and throughputs."""
     if isinstance(value, dict):
-        return {k: _without_git(v) for k, v in value.items() if k != "git"}
+        return {
+            k: _without_run_facts(v, timings)
+            for k, v in value.items()
+            if k != "git" and not (timings and TIMING.search(k))
+        }
     if isinstance(value, list):
-        return [_without_git(v) for v in value]
+        return [_without_run_facts(v, timings) for v in value]
     return value
 
 
-def _differs_only_in_git_stamp(workspace: Path, fresh: Path, lock_md5: str | None) -> bool:
-    """Metrics files carry the commit they were made at (``provenance.git``); a re-run at a
-    later commit differs there and nowhere else, which is not a determinism failure."""
+def _differs_only_in_run_facts(workspace: Path, fresh: Path, lock_md5: str | None, *, metric: bool = False) -> bool:
+    """Outputs carry the commit they were made at (``provenance.git``) and metrics carry
+    timings (``runtime_s``, ``tokens_per_s``); a re-run differs there (a later commit, a
+    busier machine) and nowhere else, which is not a determinism failure."""
     if not (workspace.suffix == ".json" and workspace.is_file() and fresh.is_file()):
         return False
     old_bytes = workspace.read_bytes()
@@ -592,7 +602,7 @@ def _differs_only_in_git_stamp(workspace: Path, fresh: Path, lock_md5: str | Non
         old, new = json.loads(old_bytes), json.loads(fresh.read_bytes())
     except ValueError:
         return False
-    return _without_git(old) == _without_git(new)
+    return _without_run_facts(old, metric) == _without_run_facts(new, metric)
 
 
 def _tree_files(tree: Any) -> dict[str, str]:
@@ -632,6 +642,13 @@ def _lock_hashes(root: Path, name: str) -> dict[str, tuple[str | None, dict[str,
     return recorded
 
 
+def _metric_outputs(root: Path, name: str) -> set[str]:
+    """The stage's outputs that are DVC metrics (where timings are expected to differ)."""
+    with open_dvc_repo(root) as repo:
+        stage = next(s for s in repo.index.stages if s.addressing == name)
+        return {Path(os.path.relpath(out.fs_path, root)).as_posix() for out in stage.outs if out.metric}
+
+
 def _fresh_hashes(project: Path, name: str) -> dict[str, tuple[str | None, dict[str, str] | None]]:
     from dvc_data.hashfile.build import build
 
@@ -659,6 +676,7 @@ def verify_determinism(root: Path, name: str, *, keep_scratch: bool = False) -> 
         raise InputError(f"stage {name!r}: names {len(stages)} stages; name one ({', '.join(s.name for s in stages)})")
     stage = stages[0]
     recorded = _lock_hashes(root, stage.name)
+    metrics = _metric_outputs(root, stage.name)
     unrecorded = [path for path, (value, _) in recorded.items() if value is None]
     if unrecorded:
         raise InputError(
@@ -681,8 +699,10 @@ def verify_determinism(root: Path, name: str, *, keep_scratch: bool = False) -> 
                         diff = _text_diff(root / rel, scratch.project / rel, a)
                         check.files.append({"path": rel, "lock": a, "fresh": b, "diff": diff})
             elif not check.same and lock_files is None:
-                check.only_git_stamp = _differs_only_in_git_stamp(root / path, scratch.project / path, lock_value)
-                if not check.only_git_stamp:
+                check.only_run_facts = _differs_only_in_run_facts(
+                    root / path, scratch.project / path, lock_value, metric=path in metrics
+                )
+                if not check.only_run_facts:
                     check.diff = _text_diff(root / path, scratch.project / path, lock_value)
             checks.append(check)
     return checks, 0, ""
