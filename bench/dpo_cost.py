@@ -31,6 +31,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from tuneline import tasks
     from tuneline.contract import load_contract
     from tuneline.modeling import Loaded
     from tuneline.negatives import negatives
@@ -42,7 +43,7 @@ def main() -> None:
     tokenizer.chat_template = None
     records = [dict(r, _line=i) for i, r in enumerate(load_records(args.data, args.n), 1)]
     strategies = ["drop_field", "array_root", "truncate", "invalid_json", "off_topic", "wrong_payload_type"]
-    pairs, _ = negatives(records, load_contract(args.schema), strategies, 1, 0, Path(args.data))
+    pairs, _ = negatives(records, load_contract(args.schema), strategies, 1, 0, Path(args.data), tasks.get("travel"))
     for i, p in enumerate(pairs, 1):
         p["_line"] = i
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -29,7 +29,7 @@ def _records() -> list[dict]:
 def test_each_strategy_rejected_fails_chosen_passes(strategy: str) -> None:
     contract = load_contract(SCHEMA)
     records = _records()
-    made, skipped = negatives.negatives(records, contract, [strategy], 1, 0, Path("train.jsonl"))
+    made, skipped = negatives.negatives(records, contract, [strategy], 1, 0, Path("train.jsonl"), travel.TASK)
     assert len(made) == len(records) and not skipped
     for pair in made:
         expect = pair["meta"]["expect"]
@@ -65,9 +65,10 @@ def test_each_strategy_rejected_fails_chosen_passes(strategy: str) -> None:
 def test_run_counts_strategies_imports_and_is_seeded(tmp_path: Path, tiny_model_dir: Path) -> None:
     params = tiny_params(tmp_path, tiny_model_dir)
     write_clean(params, clean_records(), val=0)
-    write_jsonl(
-        Path(params.paths.generated) / "preferences.jsonl",
-        [{"id": "p1", "prompt": "Plan a day in Rome.", "chosen": "{}", "rejected": "no", "meta": {"from": "x"}}],
+    write_jsonl(  # an imported triple as clean keeps it: the prompt in the model format
+        Path(params.paths.clean) / "preferences.jsonl",
+        [{"id": "p1", "prompt": "### Instruction\nPlan a day in Rome.\n\n### Response\n", "chosen": "{}",
+          "rejected": "no", "meta": {"from": "x"}}],
     )
     metrics = pairs.run(params)
     out = Path(params.paths.pairs) / "train.jsonl"

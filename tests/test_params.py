@@ -52,6 +52,9 @@ def test_passthrough_names_checked_against_trl_and_peft():
     with pytest.raises(ParamsError) as info:
         parse_params({"sft": {"trainer": {"not_a_field": 1}, "lora": {"extra": {"use_rslora": True}}}})
     assert info.value.problems == ["sft.trainer.not_a_field: not a field of trl.SFTConfig"]
+    with pytest.raises(ParamsError) as info:  # a trainer setting is not a LoRA setting
+        parse_params({"dpo": {"lora": {"extra": {"logging_steps": 2}}}})
+    assert info.value.problems == ["dpo.lora.extra.logging_steps: not a field of peft.LoraConfig"]
 
 
 def test_bad_yaml_names_line(tmp_path):

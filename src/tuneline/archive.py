@@ -365,8 +365,8 @@ def install_needs(root: Path, files: Sequence[str]) -> dict[str, str]:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        for token in set(_PATH_TOKEN.findall(text)):
-            for base in {os.path.dirname(rel), ""}:
+        for token in sorted(set(_PATH_TOKEN.findall(text))):
+            for base in (os.path.dirname(rel), ""):
                 target = _rel(root, os.path.join(base, token.rstrip("/")))
                 if target in (None, "."):
                     continue

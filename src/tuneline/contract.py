@@ -429,7 +429,7 @@ def load_suite(path: str | Path) -> list[dict[str, Any]]:
     suite = read_jsonl(path, required=SUITE_FIELDS)
     keys = list(suite[0]["expect"])
     for number, line in enumerate(suite, start=1):
-        if list(line["expect"]) != keys:
+        if sorted(line["expect"]) != sorted(keys):
             raise InputError(
                 f"{path}:{number}: expect keys {list(line['expect'])} differ from the first line's {keys}; "
                 "every suite line must check the same fields"

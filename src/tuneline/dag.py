@@ -33,6 +33,7 @@ from typing import Annotated, Any
 import typer
 
 from tuneline.errors import InputError, TunelineError
+from tuneline.records import write_text
 
 PACKAGE = "tuneline"
 ENTRY = "cli.py"
@@ -325,7 +326,7 @@ def sync(root: Path) -> list[str]:
     if changed:
         buffer = io.StringIO()
         yaml.dump(data, buffer)
-        (root / DVC_YAML).write_text(buffer.getvalue(), encoding="utf-8")
+        write_text(root / DVC_YAML, buffer.getvalue())
     return changed
 
 
@@ -457,7 +458,7 @@ def undeclared_params(
     files = [f.rstrip("/") for f in files]
     missing = []
     for read in sorted(reads):
-        if any(read == d or read.startswith(d + ".") for d in [*declared, WHOLE]) or WHOLE in declared:
+        if any(read == d or read.startswith(d + ".") for d in declared) or WHOLE in declared:
             continue
         if read.startswith("paths."):
             value = getattr(params.paths, read.split(".", 1)[1], None)

@@ -366,10 +366,8 @@ def clean_preferences(
                 }
             )
             continue
+        # chosen/rejected stay plain text in both formats: dpo makes chat messages of them
         out = {"id": c.id, "prompt": c.prompt, "chosen": p["chosen"], "rejected": p["rejected"]}
-        if fmt == "chat":
-            out["chosen"] = [{"role": "assistant", "content": p["chosen"]}]
-            out["rejected"] = [{"role": "assistant", "content": p["rejected"]}]
         out["meta"] = {**p.get("meta", {}), "instruction": c.instruction}
         if "provenance" in p:
             out["provenance"] = p["provenance"]

@@ -109,11 +109,11 @@ def strategies_for(task: tasks.Task, names: list[str]) -> dict[str, Strategy]:
 
 def negatives(
     records: list[dict[str, Any]], contract: Contract, strategies: list[str], per_record: int, seed: int,
-    path: Path, task: tasks.Task | None = None,
+    path: Path, task: tasks.Task,
 ) -> tuple[list[dict[str, Any]], Counter[str]]:
     """``per_record`` pairs per record, strategies rotated so each is used about equally
     (``task``'s negatives are available by name; default: the travel task)."""
-    available = strategies_for(task or tasks.get("travel"), strategies)
+    available = strategies_for(task, strategies)
     rng = random.Random(seed)
     pairs: list[dict[str, Any]] = []
     skipped: Counter[str] = Counter()

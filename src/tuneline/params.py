@@ -454,13 +454,13 @@ def _check_passthrough(params: Params) -> list[str]:
     """
     problems: list[str] = []
     checks = [
-        ("sft.trainer", params.sft.trainer, "trl", "SFTConfig"),
-        ("dpo.trainer", params.dpo.trainer, "trl", "DPOConfig"),
-        ("sft.lora.extra", params.sft.lora.extra, "peft", "LoraConfig"),
-        ("dpo.lora.extra", params.dpo.lora.extra, "peft", "LoraConfig"),
+        ("sft.trainer", params.sft.trainer, "trl", "SFTConfig", SFT_TRAINER),
+        ("dpo.trainer", params.dpo.trainer, "trl", "DPOConfig", DPO_TRAINER),
+        ("sft.lora.extra", params.sft.lora.extra, "peft", "LoraConfig", {}),
+        ("dpo.lora.extra", params.dpo.lora.extra, "peft", "LoraConfig", {}),
     ]
-    for where, values, module, cls_name in checks:
-        unknown = [key for key in values if key not in SFT_TRAINER]
+    for where, values, module, cls_name, known in checks:
+        unknown = [key for key in values if key not in known]
         if not unknown:
             continue
         import dataclasses

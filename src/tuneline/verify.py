@@ -68,7 +68,9 @@ from tuneline.archive import (
 from tuneline.errors import InputError, TunelineError
 
 LOG_ENV = "TUNELINE_AUDIT_LOG"
-METADATA_NAMES = {".gitignore", ".gitattributes", ".gitmodules", ".dvcignore", ".gitkeep"}
+# Files of the repository and of the pipeline itself: a stage may read them (provenance
+# reads dvc.yaml to tell its own tracked outputs from edited code) without declaring them.
+METADATA_NAMES = {".gitignore", ".gitattributes", ".gitmodules", ".dvcignore", ".gitkeep", "dvc.yaml"}
 METADATA_DIRS = {".git", ".dvc", "__pycache__"}
 ATIME_SHIFT_NS = 1_000_000_000
 

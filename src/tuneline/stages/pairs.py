@@ -1,8 +1,8 @@
 """pairs: preference pairs for DPO — diverse contract negatives, on-policy samples, imports.
 
 Reads:  ``paths.clean``/train.jsonl (chosen = each record's valid envelope), the contract
-        schema (``paths.schema_file``), ``paths.generated``/preferences.jsonl when present
-        (imported triples with a raw instruction as prompt), and ``paths.sft_model`` when
+        schema (``paths.schema_file``), ``paths.clean``/preferences.jsonl when present
+        (imported triples clean kept: leak- and chat-token-checked, prompt in the model format), and ``paths.sft_model`` when
         ``pairs.on_policy`` is set.
 Writes: ``paths.pairs``/train.jsonl — ``{"id", "prompt", "chosen", "rejected", "meta":
         {"strategy", ...}}`` with the prompt in the model format and plain completions (the
@@ -25,7 +25,6 @@ On-policy: ``pairs.on_policy_k`` samples per prompt from ``tuneline.generation.g
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -35,19 +34,20 @@ from tuneline.contract import Contract, load_contract
 from tuneline.errors import InputError
 from tuneline.negatives import negatives
 from tuneline.params import Params
-from tuneline.prompting import render
 from tuneline.provenance import sha256_path, stamp
 from tuneline.records import read_jsonl, write_json, write_jsonl, written
+from tuneline.training.data import read_sample
 
 RECORD_FIELDS = {"prompt": (str, list), "completion": str, "meta": dict}
-PREFERENCE_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
+PREFERENCE_FIELDS = {"prompt": (str, list), "chosen": str, "rejected": str}
 
 
 # -- imported and on-policy pairs --------------------------------------------------------
 
 
-def imported(path: Path, fmt: str) -> list[dict[str, Any]]:
-    """Imported triples (raw instruction as prompt), rendered in the model format."""
+def imported(path: Path) -> list[dict[str, Any]]:
+    """Imported triples as clean kept them: probe leaks and chat tokens refused, the prompt
+    already in the model format."""
     records = read_jsonl(path, required=PREFERENCE_FIELDS, allow_empty=True)
     for number, r in enumerate(records, start=1):
         if not isinstance(r.get("meta", {}), dict):
@@ -55,7 +55,7 @@ def imported(path: Path, fmt: str) -> list[dict[str, Any]]:
     return [
         {
             "id": f"imported:{r['id']}",
-            "prompt": render(r["prompt"], fmt),
+            "prompt": r["prompt"],
             "chosen": r["chosen"],
             "rejected": r["rejected"],
             "meta": {**r.get("meta", {}), "strategy": "imported", "source_id": r["id"]},
@@ -115,11 +115,7 @@ def on_policy(records: list[dict[str, Any]], contract: Contract, params: Params)
 def run(params: Params) -> dict[str, Any]:
     pp = params.pairs
     train_path = Path(params.paths.clean) / "train.jsonl"
-    records = read_jsonl(train_path, required=RECORD_FIELDS)
-    for number, record in enumerate(records, start=1):
-        record["_line"] = number
-    if pp.max_records is not None and pp.max_records < len(records):
-        records = sorted(random.Random(params.seed).sample(records, pp.max_records), key=lambda r: r["_line"])
+    records = read_sample(train_path, RECORD_FIELDS, pp.max_records, params.seed)
     contract = load_contract(params.paths.schema_file)
 
     task = tasks.get(params.task)
@@ -128,9 +124,9 @@ def run(params: Params) -> dict[str, Any]:
     )
     if pp.on_policy:
         pairs += on_policy(records, contract, params)
-    preferences = Path(params.paths.generated) / "preferences.jsonl"
+    preferences = Path(params.paths.clean) / "preferences.jsonl"
     if pp.include_imported and preferences.is_file():
-        pairs += imported(preferences, params.model.format)
+        pairs += imported(preferences)
     if not pairs:
         raise InputError(f"{train_path}: no preference pairs could be made (pairs.strategies: {list(pp.strategies)})")
 

@@ -55,7 +55,7 @@ from tuneline.training.outputs import (
 from tuneline.training.plan import Plan, announce_plan, make_plan, plan_for_trainer
 
 __all__ = [
-    "FINISHED", "MARKER", "GuardCallback", "Job", "MarkerCallback", "Plan", "StartCallback", "ThroughputCallback", "adapter_stack",
+    "FINISHED", "MARKER", "GuardCallback", "Job", "MarkerCallback", "Plan", "StartCallback", "ThroughputCallback",
     "announce_plan", "base_provenance", "check_weights_changed", "data_hashes", "drop_shared_dataset", "epoch_losses", "last_logged",
     "fingerprint", "finish_checkpoints", "is_main_process", "liger_available",
     "lora_config", "make_plan", "manifest", "model_card",

@@ -46,7 +46,9 @@ def to_rows(loaded: Loaded, pairs: list[dict[str, Any]], path: Path) -> list[dic
 
 def check_prompt_ids(loaded: Loaded, pairs: list[dict[str, Any]], dataset: Any, path: Path) -> None:
     """TRL tokenizes preference data itself; its prompt ids must be the loader's."""
-    for pair, prompt_ids in zip(pairs, dataset["prompt_ids"], strict=False):
+    if len(dataset) != len(pairs):
+        raise TunelineError(f"{path}: TRL kept {len(dataset)} of {len(pairs)} pairs; every pair must be trained on")
+    for pair, prompt_ids in zip(pairs, dataset["prompt_ids"], strict=True):
         if list(prompt_ids) != loaded.render_ids(pair["prompt"]):
             raise TunelineError(
                 f"{path}:{pair['_line']}: TRL tokenized the prompt differently from tuneline's loader "

@@ -125,8 +125,8 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
         "plots": write_plots(history, plot_dir, job.plot_keys),
     }
     write_json(metrics_path, metrics)
+    commit_staged()  # the outputs are in place before the checkpoints go; the other ranks read the metrics
     finish_checkpoints(ckpt_dir, job.run_id, trainer.state.global_step)
-    commit_staged()  # the other ranks read the metrics once past the barrier
     wait_for_everyone()
     return metrics
 
