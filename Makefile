@@ -7,7 +7,7 @@ EXTRAS ?= dev
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tuneline-installed
 
-.PHONY: setup run test test-all lint clean-venv
+.PHONY: setup run test test-fast lint clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +27,15 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)
 
+# Every test that needs no GPU, the slow ones (the real embedded model, kill-and-resume
+# under DVC) included; `make test-fast` skips those.
 test: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)
-	HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
-
-test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not gpu"
+
+test-fast: $(STAMP)
+	$(BIN)/ruff check src tests $(wildcard bench)
+	HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 clean-venv:
 	rm -rf $(VENV)
