@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,8 +87,15 @@ def test_record_exit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _write_params(directory: Path, params: Params) -> Path:
+    """params.yaml in ``directory``, the project: the base model is copied into it (a
+    params file's paths may not point outside its project)."""
+    data = params.model_dump(mode="json", by_alias=True)
+    base = Path(data["paths"]["base_model"])
+    if directory.resolve() not in base.resolve().parents:
+        shutil.copytree(base, directory / "models/base")
+        data["paths"]["base_model"] = "models/base"
     path = directory / "params.yaml"
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 

@@ -30,6 +30,7 @@ GENERATE_OUTPUTS = ["data/generated/sft.jsonl", "data/generated/preferences.json
 # of its N-th output: the outputs before it are written, the rest are not.
 SIGINT_AT_OUTPUT = r"""
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (a background job ignores it)
 count, target = 0, int(sys.argv[1])
 def hook(event, args):
     global count

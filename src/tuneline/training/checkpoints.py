@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,18 @@ console = Console(stderr=True)
 
 
 def code_identity() -> dict[str, Any]:
-    """The code a run trains with: a hash of the tuneline package's sources and the
-    library versions, so a checkpoint left by other code is never resumed (its steps
-    would not be the steps this code takes)."""
+    """The code a run trains with: a hash of the tuneline modules this process has loaded
+    (the stage's own code, which ``dvc.yaml`` declares) and the library versions, so a
+    checkpoint left by other code is never resumed (its steps would not be the steps this
+    code takes)."""
     package = Path(__file__).resolve().parents[1]
+    loaded = {
+        Path(module.__file__).resolve()
+        for name, module in list(sys.modules.items())
+        if (name == "tuneline" or name.startswith("tuneline.")) and getattr(module, "__file__", None)
+    }
     digest = hashlib.sha256()
-    for source in sorted(package.rglob("*.py")):
+    for source in sorted(loaded):
         digest.update(source.relative_to(package).as_posix().encode("utf-8") + b"\0")
         digest.update(source.read_bytes())
     return {"tuneline_sources": digest.hexdigest(), "libraries": library_versions()}
