@@ -96,3 +96,22 @@ def write_params(directory: Path, overrides: dict[str, Any] | None = None) -> Pa
 def chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def noisy_model_dir(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's tokenizer with larger random weights: varied, context-sensitive output."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("noisy-model")
+    for file in tiny_model_dir.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(file, out / file.name)
+    config = AutoConfig.from_pretrained(str(tiny_model_dir))
+    config.initializer_range = 0.2
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
+    return out

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from tuneline import modeling
@@ -17,20 +15,9 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir, tmp_path_factory):
+def loaded(noisy_model_dir):
     """The tiny tokenizer with larger random weights (varied output), loaded in float32."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("noisy-gen")
-    for file in tiny_model_dir.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(file, out / file.name)
-    config = AutoConfig.from_pretrained(str(tiny_model_dir))
-    config.initializer_range = 0.2
-    torch.manual_seed(1)
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
-    return modeling.load(out, parse_params({"model": {"device": "cpu", "dtype": "float32"}}).model)
+    return modeling.load(noisy_model_dir, parse_params({"model": {"device": "cpu", "dtype": "float32"}}).model)
 
 
 def _texts(outputs):

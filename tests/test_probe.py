@@ -47,25 +47,6 @@ def contract():
 
 
 @pytest.fixture(scope="module")
-def noisy_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model's tokenizer with larger random weights: varied, context-sensitive output."""
-    import shutil
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("noisy-model")
-    for file in tiny_model_dir.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(file, out / file.name)
-    config = AutoConfig.from_pretrained(str(tiny_model_dir))
-    config.initializer_range = 0.2
-    torch.manual_seed(1)
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
     """A randomly initialised (non-identity) LoRA adapter on the tiny model."""
     from peft import LoraConfig, get_peft_model
