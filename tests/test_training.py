@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,8 @@ from tuneline.training import (
 from tuneline.training import sft as sft_method
 from tuneline.training.data import read_sample
 from tuneline.training.outputs import sort_adapter_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -231,10 +234,44 @@ def test_a_checkpoint_left_by_other_code_is_never_resumed(monkeypatch):
     other tuneline sources would not continue the steps this code takes."""
     from tuneline.training import checkpoints
 
-    same = checkpoints.fingerprint(params={"lr": 1}, data="abc")
-    assert checkpoints.fingerprint(params={"lr": 1}, data="abc") == same
-    identity = checkpoints.code_identity()
-    monkeypatch.setattr(checkpoints, "code_identity", lambda: {**identity, "libraries": {"torch": "0.0"}})
-    assert checkpoints.fingerprint(params={"lr": 1}, data="abc") != same
-    monkeypatch.setattr(checkpoints, "code_identity", lambda: {**identity, "tuneline_sources": "0" * 64})
-    assert checkpoints.fingerprint(params={"lr": 1}, data="abc") != same
+    same = checkpoints.fingerprint("sft", params={"lr": 1}, data="abc")
+    assert checkpoints.fingerprint("sft", params={"lr": 1}, data="abc") == same
+    assert checkpoints.fingerprint("dpo", params={"lr": 1}, data="abc") != same
+    identity = checkpoints.code_identity("sft")
+    monkeypatch.setattr(checkpoints, "code_identity", lambda stage: {**identity, "libraries": {"torch": "0.0"}})
+    assert checkpoints.fingerprint("sft", params={"lr": 1}, data="abc") != same
+    monkeypatch.setattr(checkpoints, "code_identity", lambda stage: {**identity, "tuneline_sources": "0" * 64})
+    assert checkpoints.fingerprint("sft", params={"lr": 1}, data="abc") != same
+
+
+_FINGERPRINT = (
+    "import sys, importlib\n"
+    "for name in sys.argv[1:]: importlib.import_module(name)\n"
+    "from tuneline.training.checkpoints import fingerprint\n"
+    "print(fingerprint('dpo', params={'lr': 1}))\n"
+)
+
+
+def _fingerprint_in(src: Path, *imports: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    done = subprocess.run(
+        [sys.executable, "-c", _FINGERPRINT, *imports], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+def test_the_code_fingerprint_is_the_stages_declared_code_not_what_the_process_imported(tmp_path):
+    """The same stage code gives the same fingerprint however the process got there (a
+    CLI that imported more, a verify run that imported less), so a re-run of the same
+    commit leaves the same checkpoint record; an edit to a file of the stage's import
+    closure changes it, an edit to a file outside it does not."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "src" / "tuneline", src / "tuneline", ignore=shutil.ignore_patterns("__pycache__"))
+    plain = _fingerprint_in(src)
+    assert _fingerprint_in(src, "tuneline.export", "tuneline.reporting", "tuneline.stages.probe") == plain
+    with (src / "tuneline" / "export.py").open("a") as handle:
+        handle.write("\n# not the dpo stage's code\n")
+    assert _fingerprint_in(src) == plain
+    with (src / "tuneline" / "training" / "loop.py").open("a") as handle:
+        handle.write("\n# the dpo stage's code\n")
+    assert _fingerprint_in(src) != plain

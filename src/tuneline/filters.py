@@ -25,7 +25,7 @@ from rich.console import Console
 from tuneline.contract import Contract, Verdict
 from tuneline.errors import InputError
 from tuneline.prompting import render
-from tuneline.similarity import SimilarityIndex, shingles
+from tuneline.similarity import SimilarityIndex, gram_order, shingles
 
 
 @dataclass
@@ -381,3 +381,28 @@ def percentile(values: Sequence[int], q: float) -> int:
         return 0
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def drop_near_duplicates(
+    alive: list[Candidate], ngram: int, jaccard: float, rejected: list[dict[str, Any]]
+) -> list[Candidate]:
+    """The records that are not near duplicates (word ``ngram`` shingles of instruction and
+    completion, Jaccard >= ``jaccard``) of an earlier one; the others go to ``rejected``."""
+    for c in alive:
+        c.grams = shingles(f"{c.instruction}\n{c.completion}", ngram)
+    near = SimilarityIndex(jaccard, gram_order(c.grams for c in alive))
+    return apply(alive, [near_duplicate_filter(near)], rejected)
+
+
+def over_length(alive: list[Candidate], max_len: int, policy: str) -> list[Candidate]:
+    """The records over ``max_len`` tokens, warned about; InputError under policy raise."""
+    over = [c for c in alive if c.total_tokens > max_len]
+    if over:
+        warn_over_length(over, len(alive), max_len, policy)
+        if policy == "raise":
+            raise InputError(
+                f"clean.over_length is 'raise': {len(over)} of {len(alive)} records ({len(over) / len(alive):.1%}) "
+                f"exceed sft.max_seq_len={max_len} tokens (e.g. {', '.join(c.id for c in over[:5])}); raise "
+                "sft.max_seq_len, shorten the completions, or set clean.over_length to drop or truncate"
+            )
+    return over

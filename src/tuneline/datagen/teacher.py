@@ -12,15 +12,21 @@ start of a new ``### Instruction`` block (the model starting another shot: ``sto
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from tuneline import generation
+from tuneline import generation, tasks
+from tuneline.contract import Contract, parse_lenient
 from tuneline.generation import Generation
+from tuneline.params import Params
 from tuneline.prompting import INSTRUCTION_HEADER, few_shot
+from tuneline.records import read_jsonl
 
 STOP_TEXT = "\n" + INSTRUCTION_HEADER.strip()
+GOLD = "gold.jsonl"
 
 
 def pick_shots(
@@ -68,3 +74,94 @@ def generate(
         progress=progress,
     )
     return [[replace(g, text=g.text.strip()) for g in group] for group in outputs]
+
+
+def teacher_records(
+    params: Params, task: tasks.Task, examples: Sequence[Any], contract: Contract
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The teacher's records and stats: ``tp.max_prompts`` seeded requests, each prompted
+    with the task's shots from ``gold.jsonl``, sampled ``tp.n_samples`` times; a sample
+    that parses is kept as canonical JSON, any other as its raw text."""
+    from tuneline import modeling
+
+    tp = params.generate.sources.teacher
+    gold = read_jsonl(Path(params.paths.seed_dir) / GOLD, required=dict(task.gold_fields))
+    rng = random.Random(f"{params.seed}:teacher")
+    requests = list(examples)
+    if tp.max_prompts is not None and tp.max_prompts < len(requests):
+        requests = [requests[i] for i in sorted(rng.sample(range(len(requests)), tp.max_prompts))]
+    shots_for = [task.shots(gold, tp.shots, e, params.seed) for e in requests]
+    prompts = [
+        shot_prompt(
+            [(g["instruction"], contract.canonical_text(g["completion"])) for g in shots],
+            e.instruction,
+        )
+        for e, shots in zip(requests, shots_for, strict=True)
+    ]
+    model_path = tp.model or params.paths.base_model
+    spec = params.model.model_copy(update={"format": "completion"})
+    loaded = modeling.load(model_path, spec)
+    samples = generate(
+        loaded,
+        prompts,
+        n_samples=tp.n_samples,
+        temperature=tp.temperature,
+        top_p=tp.top_p,
+        max_new_tokens=tp.max_new_tokens,
+        batch_size=tp.batch_size,
+        seed=params.seed,
+    )
+    decoding = {
+        "temperature": tp.temperature,
+        "top_p": tp.top_p,
+        "max_new_tokens": tp.max_new_tokens,
+        "n_samples": tp.n_samples,
+        "do_sample": tp.temperature > 0,
+        "batch_size": tp.batch_size,
+    }
+    teacher_ref = {
+        "model": str(model_path),
+        "content_sha256": loaded.provenance["content_sha256"],
+        "dtype": loaded.provenance["dtype"],
+        "device": loaded.provenance["device"],
+    }
+    records = []
+    parsed_count = 0
+    finish = Counter()
+    for e, shots, outs in zip(requests, shots_for, samples, strict=True):
+        for s, sample in enumerate(outs):
+            parsed = parse_lenient(sample.text)
+            completion = sample.text
+            if parsed.ok and isinstance(parsed.value, dict):
+                completion = contract.canonical_text(parsed.value)
+                parsed_count += 1
+            finish[sample.finish_reason] += 1
+            records.append(
+                {
+                    "id": f"teacher-{e.key}-{s}",
+                    "prompt": e.instruction,
+                    "completion": completion,
+                    "meta": task.example_meta(e, "teacher"),
+                    "provenance": {
+                        "source": "teacher",
+                        "teacher": teacher_ref,
+                        "format": "completion",
+                        "decoding": decoding,
+                        "seed": params.seed,
+                        "sample": s,
+                        "shots": [g["id"] for g in shots],
+                        "finish_reason": sample.finish_reason,
+                        "n_tokens": sample.n_tokens,
+                        "parsed": parsed.ok,
+                    },
+                }
+            )
+    stats = {
+        "prompts": len(requests),
+        "samples": len(records),
+        "parsed": parsed_count,
+        "finish_reasons": dict(sorted(finish.items())),
+        "teacher": teacher_ref,
+        "decoding": decoding,
+    }
+    return records, stats

@@ -1,7 +1,7 @@
 """clean: validate, normalise, deduplicate, length-check, leak-check and split the examples.
 
 Reads:   ``paths.generated``/``sft.jsonl`` and ``preferences.jsonl``, ``paths.schema_file``,
-         the probe suite (``probe.suite``, default ``paths.probe_suite``), the tokenizer in
+         the probe suite (``paths.probe_suite``), the tokenizer in
          ``paths.base_model``.
 Writes:  ``paths.clean``/``train.jsonl``, ``val.jsonl``, ``rejected.jsonl`` (every dropped
          record with its reason and details), ``lengths.jsonl`` (token counts of every
@@ -72,19 +72,19 @@ from tuneline.filters import (
     check_budget,
     clean_preferences,
     contamination_filter,
+    drop_near_duplicates,
     exact_duplicate_filter,
     leakage_filter,
     length_filter,
     length_line,
     measure,
-    near_duplicate_filter,
     output_record,
+    over_length,
     parse_filter,
     percentile,
     schema_filter,
     split,
     task_filter,
-    warn_over_length,
 )
 from tuneline.params import Params
 from tuneline.provenance import sha256_file, stamp
@@ -131,14 +131,14 @@ def run(params: Params) -> dict[str, Any]:
         rejected,
     )
 
-    alive = _drop_near_duplicates(alive, cp, rejected)
+    alive = drop_near_duplicates(alive, cp.ngram, cp.near_duplicate_jaccard, rejected)
     leak_filters = _leak_filters(params, probe, alive)
     alive = apply(alive, leak_filters, rejected)
 
     measure(alive, tokenizer, fmt, special)
     alive = apply(alive, [contamination_filter(tokenizer)], rejected)
     max_len = params.sft.max_seq_len
-    over = _over_length(alive, max_len, cp.over_length)
+    over = over_length(alive, max_len, cp.over_length)
     kept = apply(alive, [length_filter(max_len, cp.over_length)], rejected)
 
     check_budget(len(candidates), kept, rejected, cp.min_kept, cp.max_rejected_fraction)
@@ -161,13 +161,6 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
-def _drop_near_duplicates(alive: list[Candidate], cp: Any, rejected: list[dict[str, Any]]) -> list[Candidate]:
-    for c in alive:
-        c.grams = shingles(f"{c.instruction}\n{c.completion}", cp.ngram)
-    near = SimilarityIndex(cp.near_duplicate_jaccard, gram_order(c.grams for c in alive))
-    return apply(alive, [near_duplicate_filter(near)], rejected)
-
-
 def _leak_filters(params: Params, probe: list[dict[str, Any]], alive: list[Candidate]) -> list[Filter]:
     """Probe leakage (exact or near instruction) and then the task's own leak filters."""
     cp = params.clean
@@ -180,20 +173,6 @@ def _leak_filters(params: Params, probe: list[dict[str, Any]], alive: list[Candi
         leak_index.add(probe_id, grams)
     task = tasks.get(params.task)
     return [leakage_filter(probe, leak_index, cp.ngram), *task.clean_filters(probe, params)]
-
-
-def _over_length(alive: list[Candidate], max_len: int, policy: str) -> list[Candidate]:
-    """The records over ``max_len`` tokens, warned about; InputError under policy raise."""
-    over = [c for c in alive if c.total_tokens > max_len]
-    if over:
-        warn_over_length(over, len(alive), max_len, policy)
-        if policy == "raise":
-            raise InputError(
-                f"clean.over_length is 'raise': {len(over)} of {len(alive)} records ({len(over) / len(alive):.1%}) "
-                f"exceed sft.max_seq_len={max_len} tokens (e.g. {', '.join(c.id for c in over[:5])}); raise "
-                "sft.max_seq_len, shorten the completions, or set clean.over_length to drop or truncate"
-            )
-    return over
 
 
 def _tokenizer(path: str, fmt: str) -> Any:

@@ -66,7 +66,7 @@ def run(params: Params) -> dict[str, Any]:
     base, parent_sha256 = base_provenance(params), sha256_path(sft_dir)
     data = data_hashes(pairs_path)
     settings = {"dpo": dp.model_dump(), "model": params.model.model_dump(), "seed": params.seed}
-    run_id = fingerprint(**settings, base=base["content_sha256"], parent=parent_sha256, data=data)
+    run_id = fingerprint("dpo", **settings, base=base["content_sha256"], parent=parent_sha256, data=data)
 
     loaded = load_for_training(params, dp.trainer["gradient_checkpointing"], merge=[sft_dir])
     trainer = build_trainer(params, loaded, to_rows(loaded, pairs, pairs_path), ckpt_dir)

@@ -29,21 +29,19 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from tuneline import tasks
-from tuneline.contract import Contract, load_contract, parse_lenient
+from tuneline.contract import load_contract
 from tuneline.datagen import imports, teacher
 from tuneline.errors import InputError
 from tuneline.params import Params
 from tuneline.provenance import project_path, sha256_file, sha256_path, stamp
-from tuneline.records import read_jsonl, write_json, write_jsonl
+from tuneline.records import write_json, write_jsonl
 
-GOLD = "gold.jsonl"
 err = Console(stderr=True)
 
 
@@ -66,7 +64,7 @@ def run(params: Params) -> dict[str, Any]:
         made = [task.template_record(e, params, contract) for e in examples]
         records += _cap(made, sources.template.max_records, params.seed, "template")
     if sources.teacher.enabled:
-        made, details["teacher"] = _teacher_records(params, task, examples, contract)
+        made, details["teacher"] = teacher.teacher_records(params, task, examples, contract)
         records += _cap(made, sources.teacher.max_records, params.seed, "teacher")
     if sources.imported.enabled:
         made, prefs, details["import"] = _import_records(params)
@@ -93,94 +91,6 @@ def run(params: Params) -> dict[str, Any]:
 
 
 # -- teacher -----------------------------------------------------------------------------
-
-
-def _teacher_records(
-    params: Params, task: tasks.Task, examples: Sequence[Any], contract: Contract
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from tuneline import modeling
-
-    tp = params.generate.sources.teacher
-    gold = read_jsonl(Path(params.paths.seed_dir) / GOLD, required=dict(task.gold_fields))
-    rng = random.Random(f"{params.seed}:teacher")
-    requests = list(examples)
-    if tp.max_prompts is not None and tp.max_prompts < len(requests):
-        requests = [requests[i] for i in sorted(rng.sample(range(len(requests)), tp.max_prompts))]
-    shots_for = [task.shots(gold, tp.shots, e, params.seed) for e in requests]
-    prompts = [
-        teacher.shot_prompt(
-            [(g["instruction"], contract.canonical_text(g["completion"])) for g in shots],
-            e.instruction,
-        )
-        for e, shots in zip(requests, shots_for, strict=True)
-    ]
-    model_path = tp.model or params.paths.base_model
-    spec = params.model.model_copy(update={"format": "completion"})
-    loaded = modeling.load(model_path, spec)
-    samples = teacher.generate(
-        loaded,
-        prompts,
-        n_samples=tp.n_samples,
-        temperature=tp.temperature,
-        top_p=tp.top_p,
-        max_new_tokens=tp.max_new_tokens,
-        batch_size=tp.batch_size,
-        seed=params.seed,
-    )
-    decoding = {
-        "temperature": tp.temperature,
-        "top_p": tp.top_p,
-        "max_new_tokens": tp.max_new_tokens,
-        "n_samples": tp.n_samples,
-        "do_sample": tp.temperature > 0,
-        "batch_size": tp.batch_size,
-    }
-    teacher_ref = {
-        "model": str(model_path),
-        "content_sha256": loaded.provenance["content_sha256"],
-        "dtype": loaded.provenance["dtype"],
-        "device": loaded.provenance["device"],
-    }
-    records = []
-    parsed_count = 0
-    finish = Counter()
-    for e, shots, outs in zip(requests, shots_for, samples, strict=True):
-        for s, sample in enumerate(outs):
-            parsed = parse_lenient(sample.text)
-            completion = sample.text
-            if parsed.ok and isinstance(parsed.value, dict):
-                completion = contract.canonical_text(parsed.value)
-                parsed_count += 1
-            finish[sample.finish_reason] += 1
-            records.append(
-                {
-                    "id": f"teacher-{e.key}-{s}",
-                    "prompt": e.instruction,
-                    "completion": completion,
-                    "meta": task.example_meta(e, "teacher"),
-                    "provenance": {
-                        "source": "teacher",
-                        "teacher": teacher_ref,
-                        "format": "completion",
-                        "decoding": decoding,
-                        "seed": params.seed,
-                        "sample": s,
-                        "shots": [g["id"] for g in shots],
-                        "finish_reason": sample.finish_reason,
-                        "n_tokens": sample.n_tokens,
-                        "parsed": parsed.ok,
-                    },
-                }
-            )
-    stats = {
-        "prompts": len(requests),
-        "samples": len(records),
-        "parsed": parsed_count,
-        "finish_reasons": dict(sorted(finish.items())),
-        "teacher": teacher_ref,
-        "decoding": decoding,
-    }
-    return records, stats
 
 
 # -- import ------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def run(params: Params) -> dict[str, Any]:
     base = base_provenance(params)
     data = data_hashes(train_path, val_path)
     settings = {"sft": sp.model_dump(), "model": params.model.model_dump(), "seed": params.seed}
-    run_id = fingerprint(**settings, base=base["content_sha256"], data=data)
+    run_id = fingerprint("sft", **settings, base=base["content_sha256"], data=data)
 
     loaded = load_for_training(params, sp.trainer["gradient_checkpointing"])
     train_rows, stats = tokenize(loaded, train_records, sp.max_seq_len, train_path)

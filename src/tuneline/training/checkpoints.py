@@ -12,12 +12,12 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from tuneline import codegraph
 from tuneline.errors import TunelineError
 from tuneline.provenance import library_versions, sha256_file
 from tuneline.records import read_json, write_json
@@ -29,28 +29,28 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 console = Console(stderr=True)
 
 
-def code_identity() -> dict[str, Any]:
-    """The code a run trains with: a hash of the tuneline modules this process has loaded
-    (the stage's own code, which ``dvc.yaml`` declares) and the library versions, so a
-    checkpoint left by other code is never resumed (its steps would not be the steps this
-    code takes)."""
+def code_identity(stage: str) -> dict[str, Any]:
+    """The code a run trains with: a hash of the stage's import closure inside tuneline
+    (the files ``dvc.yaml`` declares as its code deps, computed by ``tuneline.codegraph``
+    from the source, so it does not depend on what else this process happened to
+    import) and the library versions. A checkpoint left by other code is never resumed
+    (its steps would not be the steps this code takes)."""
     package = Path(__file__).resolve().parents[1]
-    loaded = {
-        Path(module.__file__).resolve()
-        for name, module in list(sys.modules.items())
-        if (name == "tuneline" or name.startswith("tuneline.")) and getattr(module, "__file__", None)
-    }
+    module = codegraph.module_file(package, f"{codegraph.PACKAGE}.stages.{stage}")
+    if module is None:
+        raise TunelineError(f"no stage module tuneline/stages/{stage}.py to fingerprint")
+    entry = package / codegraph.ENTRY
     digest = hashlib.sha256()
-    for source in sorted(loaded):
+    for source in sorted(codegraph.closure(package, module, entry if entry.is_file() else None)):
         digest.update(source.relative_to(package).as_posix().encode("utf-8") + b"\0")
         digest.update(source.read_bytes())
     return {"tuneline_sources": digest.hexdigest(), "libraries": library_versions()}
 
 
-def fingerprint(**parts: Any) -> str:
-    """A hash of what determines a run (params, data and base hashes, the code): checkpoints
-    of a different run are never resumed."""
-    text = json.dumps({**parts, "code": code_identity()}, sort_keys=True, default=str, separators=(",", ":"))
+def fingerprint(stage: str, **parts: Any) -> str:
+    """A hash of what determines a run of ``stage`` (params, data and base hashes, the
+    code): checkpoints of a different run are never resumed."""
+    text = json.dumps({**parts, "stage": stage, "code": code_identity(stage)}, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
