@@ -199,17 +199,21 @@ def diff_command(
 
 @app.command("export")
 def export_command(
-    model: Annotated[str, typer.Argument(help="an adapter directory, or a name from probe.models (sft, dpo)")],
-    out_dir: Annotated[Path, typer.Option("--out", help="directory for the merged checkpoint")],
+    model: Annotated[str, typer.Argument(help="a name from probe.models (base, sft, dpo), an adapter or a model directory")],
+    out_dir: Annotated[Path, typer.Option("--out", help="directory to write (new or empty unless --force)")],
+    fmt: Annotated[str, typer.Option("--format", help="hf (safetensors + tokenizer) or gguf (+ Ollama Modelfile)")] = "hf",
+    gguf_type: Annotated[
+        str, typer.Option("--gguf-type", help="GGUF tensor type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0")
+    ] = "f16",
+    force: Annotated[bool, typer.Option("--force", help="replace a non-empty --out")] = False,
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
-    """Merge an adapter (and its parents) into the base: safetensors + tokenizer + provenance."""
+    """Merge a model's adapters into the base for serving: safetensors or GGUF, with the trained prompt as chat template."""
     from tuneline.export import export
 
-    loaded_params = stage_params(params)
-    adapter = loaded_params.probe.models.get(model) or model
-    provenance = export(loaded_params, adapter, out_dir)
-    out.print(f"{out_dir}: merged {[a['path'] for a in provenance['merged_adapters']]} into the base", highlight=False)
+    provenance = export(stage_params(params), model, out_dir, fmt=fmt, gguf_type=gguf_type, force=force)
+    merged = [a["path"] for a in provenance["merged_adapters"]]
+    out.print(f"{out_dir}: {fmt} export of the base with {merged or 'no adapters'} merged", highlight=False)
 
 
 if __name__ == "__main__":
