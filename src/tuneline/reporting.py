@@ -712,7 +712,7 @@ def render_html(
     out.append("<h2>Training</h2>")
     if not curves and not plans:
         out.append('<p class="note">No training logs found beside the probe results.</p>')
-    for stage in sorted(set(curves) | set(plans)):
+    for stage in dict.fromkeys([*curves, *plans]):  # pipeline order
         out.append(f"<h3>{_esc(stage)}</h3>")
         chart = svg_lines(curves.get(stage, {}), x_label="optimizer step", y_label="loss")
         out.append(chart or '<p class="note">No loss log.</p>')
