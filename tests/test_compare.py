@@ -346,3 +346,12 @@ def test_compare_writes_rate_plot_data_run_record_and_a_self_contained_page(tmp_
     first = page
     compare.run(params)
     assert (tmp_path / "reports" / "index.html").read_text() == first
+
+
+def test_a_malformed_loss_log_is_refused_with_its_line(tmp_path):
+    three_models(tmp_path)
+    log = tmp_path / "metrics" / "dpo" / "plots" / "metrics"
+    log.mkdir(parents=True)
+    (log / "loss.tsv").write_text("step\tloss\n1\t0.69\n2\tnan?\n")
+    with pytest.raises(InputError, match=r"dpo/plots/metrics/loss\.tsv:3: expected step<TAB>value"):
+        compare.run(params_for(tmp_path))

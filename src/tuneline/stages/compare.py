@@ -35,6 +35,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tuneline.errors import InputError
 from tuneline.params import Params
 from tuneline.provenance import run_provenance_path, write_provenance
 from tuneline.records import read_json, write_json, write_text
@@ -69,8 +70,14 @@ def read_curve(path: Path) -> list[tuple[float, float]]:
     """``(step, value)`` rows of a DVCLive metric TSV (header ``step<TAB>name``)."""
     if not path.is_file():
         return []
-    rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
-    return [(float(row[0]), float(row[1])) for row in rows]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()[1:], start=2):
+        try:
+            step, value = line.split("\t")[:2]
+            rows.append((float(step), float(value)))
+        except ValueError as exc:
+            raise InputError(f"{path}:{number}: expected step<TAB>value, got {line!r}") from exc
+    return rows
 
 
 def training_logs(params: Params) -> tuple[dict[str, dict[str, list[tuple[float, float]]]], dict[str, Any]]:
