@@ -21,8 +21,10 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# Offline unless the caller set HF_HUB_OFFLINE or params.yaml allows a hub download
+# (base.allow_download: true, for a hub id as base.source).
 run: $(STAMP)
-	. $(BIN)/activate && HF_HUB_OFFLINE=1 dvc repro
+	. $(BIN)/activate && HF_HUB_OFFLINE="$${HF_HUB_OFFLINE:-$$(python -c 'import yaml; b = (yaml.safe_load(open("params.yaml")) or {}).get("base") or {}; print(0 if b.get("allow_download") else 1)')}" dvc repro
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)

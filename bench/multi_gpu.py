@@ -73,6 +73,7 @@ def params_for(work: Path, base: Path, name: str, args: argparse.Namespace, proc
         "dpo_model": str(run / "models/dpo"),
         "checkpoints": str(run / "models/checkpoints"),
         "metrics": str(run / "metrics"),
+        "reports": str(run / "reports"),
     }
     trainer = {"save_strategy": "no", "logging_steps": 10, "warmup_steps": 0.05,
                **({"ddp_broadcast_buffers": False} if distributed == "ddp" else {})}
@@ -116,7 +117,8 @@ def run_stage(stage: str, params_path: Path, timeout: int, env_extra: dict[str, 
             sys.stderr.write(tail)
         print(f"{stage} ({params_path}) exited {done.returncode}", flush=True)
         return None, wall, tail
-    metrics = json.loads((params_path.parent / "metrics" / f"{stage}.json").read_text())
+    record = json.loads((params_path.parent / "reports" / "provenance" / f"{stage}.json").read_text())["run"]
+    metrics = {**record, **json.loads((params_path.parent / "metrics" / f"{stage}.json").read_text())}
     return metrics, wall, ""
 
 

@@ -18,7 +18,9 @@ def outcomes(n, **ones):
     return {name: [i in ones.get(name, ()) for i in range(n)] for name in names}
 
 
-def write_run(tmp_path, model, flags, *, suite=SUITE_SHA, ids=None):
+def write_run(tmp_path, model, flags, *, suite=SUITE_SHA, ids=None, legacy=False):
+    """A probe run in the probe's layout: rates in metrics, hashes in the run record,
+    failures grouped by cause (``legacy``: the hashes in metrics, as older revisions had)."""
     n = len(flags["parsed"])
     ids = ids or [f"q{i:03d}" for i in range(n)]
     samples = [
@@ -33,11 +35,14 @@ def write_run(tmp_path, model, flags, *, suite=SUITE_SHA, ids=None):
         for i in range(n)
     ]
     write_jsonl(tmp_path / "reports" / "probe" / f"{model}.samples.jsonl", samples)
-    causes = {"ok": sum(flags["valid"]), "invalid_json": n - sum(flags["valid"])}
-    write_json(
-        tmp_path / "metrics" / "probe" / f"{model}.json",
-        {"n": n, "suite_sha256": suite, "contract_sha256": CONTRACT_SHA, "failure_causes": causes},
-    )
+    failed = [ids[i] for i in range(n) if not flags["valid"][i]]
+    groups = [{"id": "invalid_json", "cause": "invalid_json", "count": len(failed), "ids": failed,
+               "examples": [{"id": failed[0], "output": f"<{model} said> not json"}]}] if failed else []
+    write_jsonl(tmp_path / "reports" / "probe" / f"{model}.failures.jsonl", groups)
+    hashes = {"suite_sha256": suite, "contract_sha256": CONTRACT_SHA}
+    write_json(tmp_path / "metrics" / "probe" / f"{model}.json", {"n": n, **(hashes if legacy else {})})
+    if not legacy:
+        write_json(tmp_path / "reports" / "provenance" / "probe" / f"{model}.json", {"model": model, **hashes})
 
 
 def params_for(tmp_path, **compare_overrides):
@@ -120,7 +125,8 @@ def test_compare_report_verdicts_power_note_and_plot(tmp_path):
     )
     assert "parse rate" not in power[0].split("weak evidence")[0]
     assert "| base | 60 |" in report
-    assert "- base: invalid_json 40" in report and "- dpo: invalid_json 17" in report
+    causes = sections(report)["## Failure causes (count of prompts)"]
+    assert "| model | invalid_json |" in causes and "| base | 40 |" in causes and "| dpo | 17 |" in causes
     assert "![rates with intervals](compare_rates.png)" in report
     png = (tmp_path / "reports" / "compare_rates.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
@@ -242,7 +248,7 @@ def test_single_model_report_has_rates_only(tmp_path):
         }
     )
     metrics = compare.run(params)
-    assert set(metrics) == {"base", "suite_sha256", "contract_sha256", "provenance"}
+    assert set(metrics) == {"base", "suite_sha256", "contract_sha256"}
     report = (tmp_path / "reports" / "compare.md").read_text()
     assert "Nothing to compare" in report and "Paired differences" not in report
     assert "| base | 10 | 50.0% [" in report
@@ -273,12 +279,16 @@ def test_committed_report_is_what_compare_makes_from_the_committed_probe_outputs
                      "reports": str(tmp_path / "reports")}
     shutil.copytree(repo / "metrics" / "probe", tmp_path / "metrics" / "probe")
     shutil.copytree(repo / "reports" / "probe", tmp_path / "reports" / "probe")
+    shutil.copytree(repo / "reports" / "provenance" / "probe", tmp_path / "reports" / "provenance" / "probe")
+    for stage in ("sft", "dpo"):
+        shutil.copytree(repo / "metrics" / stage, tmp_path / "metrics" / stage)
+        shutil.copy(repo / "reports" / "provenance" / f"{stage}.json", tmp_path / "reports" / "provenance")
     metrics = compare.run(parse_params(data))
     committed = read_json(repo / "metrics" / "compare.json")
     made = json.loads(json.dumps(metrics))
-    for provenance_free in (committed, made):
-        provenance_free.pop("provenance")
     assert made == committed
+    for name in ("compare_rates.json", "index.html"):
+        assert (tmp_path / "reports" / name).read_text() == (repo / "reports" / name).read_text(), name
     for key, value in committed.items():
         if "_vs_" not in key:
             continue
@@ -289,3 +299,59 @@ def test_committed_report_is_what_compare_makes_from_the_committed_probe_outputs
             _, low, high = stats.newcombe_paired(both, only_model, only_other, n - both - only_model - only_other)
             assert (s["ci_low"], s["ci_high"]) == (pytest.approx(low, abs=1e-6), pytest.approx(high, abs=1e-6))
     assert (tmp_path / "reports" / "compare.md").read_text() == (repo / "reports" / "compare.md").read_text()
+
+
+def test_failure_causes_missing_on_one_side_are_zero_and_ok_is_not_a_cause(tmp_path):
+    three_models(tmp_path)
+    groups = [{"id": "truncated", "cause": "truncated", "count": 2, "ids": ["q001", "q002"], "examples": []}]
+    write_jsonl(tmp_path / "reports" / "probe" / "sft.failures.jsonl", groups)
+    compare.run(params_for(tmp_path))
+    causes = sections((tmp_path / "reports" / "compare.md").read_text())["## Failure causes (count of prompts)"]
+    assert "| model | invalid_json | truncated |" in causes
+    assert "| base | 40 | 0 |" in causes and "| sft | 0 | 2 |" in causes and "| dpo | 17 | 0 |" in causes
+    assert "ok" not in " ".join(causes)
+
+
+def test_hashes_in_legacy_metrics_are_still_read(tmp_path):
+    """Older revisions kept the suite and contract hashes in the probe metrics."""
+    write_run(tmp_path, "base", outcomes(10, parsed=range(5), valid=range(3)), legacy=True)
+    write_run(tmp_path, "sft", outcomes(10, parsed=range(9), valid=range(8)), legacy=True)
+    params = parse_params({"paths": {"metrics": str(tmp_path / "metrics"), "reports": str(tmp_path / "reports")},
+                           "probe": {"models": {"base": None, "sft": "models/sft"}}, "compare": {"pairs": []}})
+    assert compare.run(params)["suite_sha256"] == SUITE_SHA
+
+
+def test_compare_writes_rate_plot_data_run_record_and_a_self_contained_page(tmp_path):
+    three_models(tmp_path)
+    log = tmp_path / "metrics" / "sft" / "plots" / "metrics"
+    (log / "eval").mkdir(parents=True)
+    (log / "loss.tsv").write_text("step\tloss\n1\t2.5\n2\t1.5\n3\t1.0\n")
+    (log / "eval" / "loss.tsv").write_text("step\tloss\n3\t1.25\n")
+    write_json(tmp_path / "reports" / "provenance" / "sft.json", {"run": {"plan": {"optimizer_steps": 3}}})
+    params = params_for(tmp_path)
+    metrics = compare.run(params)
+    assert "provenance" not in metrics and "git" not in json.dumps(metrics)
+    record = read_json(tmp_path / "reports" / "provenance" / "compare.json")
+    assert record["stage"] == "compare" and "git" in record and record["confidence"] == 0.95
+    rows = read_json(tmp_path / "reports" / "compare_rates.json")
+    assert len(rows) == 3 * 5 and {"model", "outcome", "rate", "ci_low", "ci_high"} == set(rows[0])
+    assert {(r["model"], r["outcome"]): r["rate"] for r in rows}[("dpo", "parse rate")] == 1.0
+    page = (tmp_path / "reports" / "index.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")
+    assert page.count("<svg") == 2  # rates; sft losses (dpo has no log here)
+    assert "sft train" in page and "sft eval" in page and "optimizer_steps" in page
+    assert 'href="probe/base.samples.jsonl"' in page and "&lt;dpo said&gt; not json" in page
+    assert "<td>base</td><td class=\"num\">40</td>" in page  # the failure cause table
+    first = page
+    compare.run(params)
+    assert (tmp_path / "reports" / "index.html").read_text() == first
+
+
+def test_a_malformed_loss_log_is_refused_with_its_line(tmp_path):
+    three_models(tmp_path)
+    log = tmp_path / "metrics" / "dpo" / "plots" / "metrics"
+    log.mkdir(parents=True)
+    (log / "loss.tsv").write_text("step\tloss\n1\t0.69\n2\tnan?\n")
+    with pytest.raises(InputError, match=r"dpo/plots/metrics/loss\.tsv:3: expected step<TAB>value"):
+        compare.run(params_for(tmp_path))

@@ -91,8 +91,10 @@ def test_dpo_run_outputs_and_eval_loader(trained: Params) -> None:
     assert prov["stack"] == [trained.paths.sft_model, trained.paths.dpo_model]
     assert metrics["steps"] == metrics["plan"]["optimizer_steps"] == 3
     assert metrics["max_weight_change"] > 0 and torch.isfinite(torch.tensor(metrics["train_loss"]))
-    for name in ("loss", "rewards_accuracies", "rewards_margins"):
-        assert (Path(trained.paths.metrics) / "dpo" / f"{name}.tsv").is_file()
+    for name in ("loss", "rewards/accuracies", "rewards/margins"):
+        assert (Path(trained.paths.metrics) / "dpo" / "plots" / "metrics" / f"{name}.tsv").is_file()
+    assert set(json.loads((Path(trained.paths.metrics) / "dpo.json").read_text())) == {
+        "train_loss", "reward_accuracy", "reward_margin"}
 
     loaded = load_for_eval(trained, out)
     assert [m["path"] for m in loaded.provenance["merged_parents"]] == [str(out / "parent")]

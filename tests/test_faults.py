@@ -112,8 +112,12 @@ def test_sigkilled_repro_resumes_sft_and_matches_an_uninterrupted_run(killed_the
     killed, straight = killed_then_resumed["killed"], killed_then_resumed["straight"]
     resumed = killed_then_resumed["resumed"]
     assert ran_stages(resumed.stdout) == {"sft"}, resumed.stdout  # base, generate, clean skipped
-    a = json.loads((killed / "metrics/sft.json").read_text())
-    b = json.loads((straight / "metrics/sft.json").read_text())
+    a = json.loads((killed / "reports/provenance/sft.json").read_text())["run"]
+    b = json.loads((straight / "reports/provenance/sft.json").read_text())["run"]
+    # the DVCLive log of the resumed run is the uninterrupted run's, step for step
+    log = "metrics/sft/plots/metrics/loss.tsv"
+    steps_a = [r.split("\t")[0] for r in (killed / log).read_text().splitlines()]
+    assert steps_a == [r.split("\t")[0] for r in (straight / log).read_text().splitlines()]
     assert a["resumed_from_step"] and a["resumed_from_step"] >= 1 and b["resumed_from_step"] is None
     assert a["steps"] == b["steps"] == 4 and a["plan"] == b["plan"]
     assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-4)

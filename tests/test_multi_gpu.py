@@ -115,7 +115,8 @@ def _sft_cli(
         cwd=directory, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return json.loads((directory / "metrics/sft.json").read_text()), done
+    recorded = json.loads((directory / "reports/provenance/sft.json").read_text())["run"]
+    return {**recorded, **json.loads((directory / "metrics/sft.json").read_text())}, done
 
 
 @pytest.mark.gpu
@@ -135,7 +136,7 @@ def test_sft_on_two_gpus(tmp_path: Path, tiny_model_dir: Path) -> None:
     ckpt = tmp_path / "two/models/checkpoints/sft"
     assert json.loads((ckpt / "finished.json").read_text())["steps"] == two["steps"]
     assert not list(ckpt.glob("checkpoint-*"))
-    assert (tmp_path / "two/metrics/sft/loss.tsv").is_file()
+    assert (tmp_path / "two/metrics/sft/plots/metrics/loss.tsv").is_file()
 
 
 @pytest.mark.gpu

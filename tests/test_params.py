@@ -116,3 +116,18 @@ def test_params_check_imports_no_torch_or_trl():
     proc = subprocess.run([sys.executable, "-c", code, str(REPO / "params.yaml")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_the_params_check_command_imports_no_torch():
+    """`tuneline params check` as the CLI runs it (the runtime checks included) on CPU params."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, atexit; "
+        "atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr)); "
+        "from tuneline.cli import main; sys.argv = ['tuneline', 'params', 'check', '--params', sys.argv[1]]; main()"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "params.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout and proc.stderr.strip().splitlines()[-1] == "False", proc.stderr

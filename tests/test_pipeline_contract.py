@@ -127,7 +127,7 @@ def test_dvc_repro_learns_a_tiny_contract(tiny_model_dir, tmp_path, monkeypatch)
 
     # dpo moved the policy off its sft reference towards the chosen answers, was probed,
     # and is compared with sft
-    dpo_train = metrics("dpo.json")
+    dpo_train = {**json.loads((project / "reports/provenance/dpo.json").read_text())["run"], **metrics("dpo.json")}
     assert dpo_train["steps"] == 4 and dpo_train["final_loss"] < math.log(2), dpo_train
     assert dpo_train["reward_margin"] > 0, dpo_train
     assert set(compare["dpo_vs_sft"]) == set(compare["sft_vs_base"])

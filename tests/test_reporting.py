@@ -30,6 +30,7 @@ def test_output_paths_are_the_probe_layout(tmp_path):
         metrics=tmp_path / "m" / "probe" / "sft.json",
         samples=tmp_path / "r" / "probe" / "sft.samples.jsonl",
         failures=tmp_path / "r" / "probe" / "sft.failures.jsonl",
+        provenance=tmp_path / "r" / "provenance" / "probe" / "sft.json",
     )
 
 
@@ -41,7 +42,7 @@ def test_a_run_must_use_one_set_of_checks_and_unique_ids():
         reporting.probe_run_from_records("m", HASHES, [sample(0), sample(0)], "s.jsonl")
     with pytest.raises(InputError, match=r"^s\.jsonl: no samples"):
         reporting.probe_run_from_records("m", HASHES, [], "s.jsonl")
-    with pytest.raises(InputError, match=r"lack 'contract_sha256'; re-run the probe stage"):
+    with pytest.raises(InputError, match=r"nor its run record has 'contract_sha256'; re-run the probe stage"):
         reporting.probe_run_from_records("m", {"suite_sha256": "a" * 64}, [sample(0)], "s.jsonl")
 
 
@@ -166,6 +167,6 @@ def test_markdown_without_plot_or_causes():
     text = reporting.render_markdown(rates, diffs, hashes, conf=0.9, min_effect=0.1, power=0.8, plot_name=None)
     assert "## Rates (90% Wilson interval)" in text and "| sft vs base | schema valid rate | +25.0 |" in text
     assert "![" not in text and "Failure causes" not in text
-    assert reporting.failure_causes(run_of("x", [], metrics={**HASHES, "failure_causes": {"ok": 3, "b": 1, "a": 1,
-                                                                                          "z": 4}})) == {
-        "z": 4, "a": 1, "b": 1}
+    groups = [{"cause": c, "count": n} for c, n in {"ok": 3, "b": 1, "a": 1, "z": 4}.items()]
+    assert reporting.failure_causes(groups) == {"z": 4, "a": 1, "b": 1}
+    assert reporting.cause_table({"m": {"z": 4}, "o": {"a": 1}}) == {"m": {"z": 4, "a": 0}, "o": {"z": 0, "a": 1}}

@@ -41,10 +41,14 @@ def test_prompt_masked_terminator_in_loss(tmp_path: Path, tiny_model_dir: Path) 
     assert stats["completion_tokens"] == int((batch["labels"] != -100).sum())
 
 
-def test_sft_run_outputs(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_sft_run_outputs(tmp_path: Path, tiny_model_dir: Path, capfd: pytest.CaptureFixture[str]) -> None:
     params = tiny_params(tmp_path, tiny_model_dir)
     write_clean(params)
     metrics = sft.run(params)
+    shown = capfd.readouterr()
+    # one progress line with the loss, not the Trainer's log dict per step
+    assert "{'loss'" not in shown.out + shown.err and "'learning_rate'" not in shown.out + shown.err
+    assert "sft: 100%" in shown.err and "2/2" in shown.err and "loss=" in shown.err
     out = Path(params.paths.sft_model)
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     prov = json.loads((out / "provenance.json").read_text())
@@ -54,14 +58,22 @@ def test_sft_run_outputs(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert run["git"] and run["versions"]["trl"] and run["adapter_sha256"] == prov["adapter_sha256"]
     assert "## Plan" in (out / "README.md").read_text()
     written = json.loads((tmp_path / "metrics/sft.json").read_text())
-    assert written["plan"]["optimizer_steps"] == metrics["steps"] == 2
-    assert written["plan"]["records"] == 8 and written["tokens_seen"] > 0
+    assert set(written) == {"train_loss", "eval_loss"}  # the numbers compared; the rest is the run record's
     assert all(torch.isfinite(torch.tensor(written[k])) for k in ("train_loss", "eval_loss"))
-    assert written["max_weight_change"] > 0
+    recorded = run["run"]
+    assert recorded["plan"]["optimizer_steps"] == metrics["steps"] == recorded["steps"] == 2
+    assert recorded["plan"]["records"] == 8 and recorded["tokens_seen"] > 0 and recorded["max_weight_change"] > 0
+    assert recorded["log"].endswith("metrics/sft") and "runtime_s" in recorded
     weights = load_file(out / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())
-    assert (tmp_path / "metrics/sft/loss.tsv").read_text().startswith("step\tloss\n")
-    assert (tmp_path / "metrics/sft/learning_rate.tsv").is_file()
+    # DVCLive's layout, x = optimizer step, one row per logging step, no timestamps
+    live = tmp_path / "metrics/sft"
+    loss = (live / "plots/metrics/loss.tsv").read_text().splitlines()
+    assert loss[0] == "step\tloss" and [row.split("\t")[0] for row in loss[1:]] == ["1", "2"]
+    assert (live / "plots/metrics/eval/loss.tsv").read_text().startswith("step\tloss\n")
+    assert (live / "plots/metrics/learning_rate.tsv").is_file()
+    assert json.loads((live / "metrics.json").read_text())["step"] == 2
+    assert not (tmp_path / "dvc.yaml").exists() and not list(tmp_path.glob(".dvc*")) and not (tmp_path / "dvclive").exists()
     assert not list((tmp_path / "models/checkpoints/sft").glob("checkpoint-*"))
 
 
@@ -151,6 +163,10 @@ def test_resume_matches_uninterrupted(tmp_path: Path, tiny_model_dir: Path, monk
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+    # the DVCLive log of the resumed run holds every step, the ones before the checkpoint
+    # replayed from the trainer state it restored
+    steps = [r.split("\t")[0] for r in (Path(resumed.paths.metrics) / "sft/plots/metrics/loss.tsv").read_text().splitlines()]
+    assert steps == ["step", *map(str, range(1, 9))]
 
 
 def test_resume_metric_comes_from_the_trainer(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

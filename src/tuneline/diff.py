@@ -36,6 +36,7 @@ from tuneline.reporting import (
     probe_run_from_records,
     rate_stats,
     signed_points,
+    with_hashes,
 )
 
 WORKSPACE = "workspace"
@@ -93,6 +94,9 @@ def read_version(repo: str | Path, rev: str, params: Params) -> Version:
             raise InputError(f"{rev}:{metrics_path}: invalid JSON: {exc}") from exc
         if not isinstance(metrics, dict):
             raise InputError(f"{rev}:{metrics_path}: expected a JSON object of probe metrics")
+        record_path = output_paths(params, name).provenance.as_posix()
+        record = loads_strict(fs.read_text(record_path, encoding="utf-8")) if fs.exists(record_path) else None
+        metrics = with_hashes(metrics, record if isinstance(record, dict) else None)
         runs[name] = probe_run_from_records(name, metrics, parse_samples(text, source), source)
     if not runs:
         raise InputError(f"{rev}: no probe results under {metrics_dir}/ (run `dvc repro` and commit them)")

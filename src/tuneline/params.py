@@ -660,7 +660,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def check_runtime(params: Params) -> list[str]:
-    """Problems that depend on this machine (e.g. nf4 or device 'cuda' without CUDA)."""
+    """Problems that depend on this machine (e.g. nf4 or device 'cuda' without CUDA).
+
+    torch is imported only when the params ask for CUDA (nf4, device 'cuda', several
+    processes), so `tuneline params check` of CPU params stays quick."""
+    if not (
+        params.model.quantization == "nf4" or params.model.device == "cuda" or params.compute.num_processes > 1
+    ):
+        return []
     import torch
 
     problems = []

@@ -149,11 +149,20 @@ def run_provenance_path(reports: str | Path, stage: str) -> Path:
 
 def write_run_provenance(params: Any, stage: str, content: dict[str, Any]) -> Path:
     """Write the sidecar naming the run that made ``stage``'s model (git, versions)."""
+    return write_provenance(run_provenance_path(params.paths.reports, stage), {"stage": stage, **content})
+
+
+def write_provenance(path: str | Path, content: dict[str, Any]) -> Path:
+    """A run record under ``paths.reports``/provenance/: ``content`` (what the run read
+    and recorded beside its metrics) with the commit and library versions (``stamp``).
+
+    The DVC metrics files hold only the numbers a user compares between versions; what
+    names a run (commit, versions, hashes, paths, decoding, timings) is here, in files that
+    are stage outputs but not metrics."""
     from tuneline.records import write_json
 
-    path = run_provenance_path(params.paths.reports, stage)
-    write_json(path, {"stage": stage, **content, **stamp()})
-    return path
+    write_json(path, {**content, **stamp()})
+    return Path(path)
 
 
 def now_iso() -> str:

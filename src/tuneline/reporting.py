@@ -32,22 +32,40 @@ from tuneline.records import loads_strict, read_json, read_jsonl
 
 @dataclass(frozen=True)
 class ProbePaths:
-    """The three files one probe run writes (see ``output_paths``)."""
+    """The four files one probe run writes (see ``output_paths``)."""
 
     metrics: Path
     samples: Path
     failures: Path
+    provenance: Path
 
 
 def output_paths(params: Params, model: str) -> ProbePaths:
-    """Where the probe of ``model`` writes its metrics, samples and grouped failures."""
+    """Where the probe of ``model`` writes its metrics (the rates), samples, grouped
+    failures and run record (suite and contract hashes, decoding, commit, timings)."""
     metrics = Path(params.paths.metrics) / "probe"
     reports = Path(params.paths.reports) / "probe"
     return ProbePaths(
         metrics=metrics / f"{model}.json",
         samples=reports / f"{model}.samples.jsonl",
         failures=reports / f"{model}.failures.jsonl",
+        provenance=provenance_path(params.paths.reports, model),
     )
+
+
+def provenance_path(reports: str | Path, model: str) -> Path:
+    """The run record of ``model``'s probe, ``<reports>/provenance/probe/<model>.json``."""
+    return Path(reports) / "provenance" / "probe" / f"{model}.json"
+
+
+def with_hashes(metrics: Mapping[str, Any], provenance: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Probe metrics with the suite and contract hashes of the run record beside them
+    (where they are since metrics hold only rates; older revisions kept them in metrics)."""
+    merged = dict(metrics)
+    for key in HASH_KEYS:
+        if key not in merged and provenance and key in provenance:
+            merged[key] = provenance[key]
+    return merged
 
 
 # The sample fields the outcomes are computed from (``id`` is checked as the record id).
@@ -120,17 +138,21 @@ def probe_run_from_records(
         raise InputError(f"{source}: no samples; probe the model before comparing")
     for key in HASH_KEYS:
         if not isinstance(metrics.get(key), str):
-            raise InputError(f"{source}: probe metrics lack {key!r}; re-run the probe stage")
+            raise InputError(f"{source}: neither the probe metrics nor its run record has {key!r}; re-run the probe stage")
     return ProbeRun(name=name, metrics=metrics, outcomes=outcomes, source=source)
 
 
-def load_probe_run(name: str, metrics_path: str | Path, samples_path: str | Path) -> ProbeRun:
-    """A probe run from its files on disk (``output_paths``), read strictly."""
+def load_probe_run(
+    name: str, metrics_path: str | Path, samples_path: str | Path, provenance_path: str | Path | None = None
+) -> ProbeRun:
+    """A probe run from its files on disk (``output_paths``), read strictly; the hashes
+    come from the run record at ``provenance_path`` when the metrics do not hold them."""
     metrics = read_json(metrics_path)
     if not isinstance(metrics, dict):
         raise InputError(f"{metrics_path}: expected a JSON object of probe metrics")
+    record = read_json(provenance_path) if provenance_path and Path(provenance_path).is_file() else None
     samples = read_jsonl(samples_path, required=SAMPLE_FIELDS)
-    return probe_run_from_records(name, metrics, samples, str(samples_path))
+    return probe_run_from_records(name, with_hashes(metrics, record), samples, str(samples_path))
 
 
 def parse_samples(text: str, source: str) -> list[dict[str, Any]]:
@@ -364,11 +386,37 @@ def power_note(
     )
 
 
-def failure_causes(run: ProbeRun) -> dict[str, int]:
-    """Failure cause counts from the probe metrics, most frequent first (``ok`` left out)."""
-    counts = run.metrics.get("failure_causes") or {}
-    ranked = sorted(((c, n) for c, n in counts.items() if c != "ok"), key=lambda cn: (-cn[1], cn[0]))
-    return dict(ranked)
+def failure_causes(groups: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Failure cause counts from a probe's grouped failures (``<model>.failures.jsonl``),
+    most frequent first; ``ok`` is not a cause and is left out."""
+    counts = {str(g["cause"]): int(g["count"]) for g in groups if g.get("cause") != "ok"}
+    return dict(sorted(counts.items(), key=lambda cn: (-cn[1], cn[0])))
+
+
+def cause_table(causes: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    """model -> cause -> count over every cause any model has, a cause a model lacks
+    counted 0; causes ordered by their total, most frequent first."""
+    totals: dict[str, int] = {}
+    for per_model in causes.values():
+        for cause, count in per_model.items():
+            totals[cause] = totals.get(cause, 0) + count
+    order = sorted(totals, key=lambda c: (-totals[c], c))
+    return {model: {cause: int(per_model.get(cause, 0)) for cause in order} for model, per_model in causes.items()}
+
+
+def load_failures(path: str | Path) -> list[dict[str, Any]]:
+    """A probe's grouped failures (``id``, ``cause``, ``count``, ``examples``), read strictly."""
+    return read_jsonl(path, required={"cause": str, "count": int}, allow_empty=True)
+
+
+def rate_rows(rates: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[dict[str, Any]]:
+    """The rates as DVC plot data: one row per model and outcome with its interval
+    (``reports/compare_rates.json``, drawn by the ``rates_interval`` template)."""
+    return [
+        {"model": model, "outcome": label(metric), "rate": s["rate"], "ci_low": s["ci_low"], "ci_high": s["ci_high"]}
+        for model, per_metric in rates.items()
+        for metric, s in per_metric.items()
+    ]
 
 
 # --- Report: markdown and plot
@@ -385,7 +433,8 @@ def render_markdown(
     plot_name: str | None,
     causes: Mapping[str, Mapping[str, int]] | None = None,
 ) -> str:
-    """The report; ``causes`` maps model -> failure cause -> count (most frequent first)."""
+    """The report; ``causes`` maps model -> failure cause -> count (a cause one model lacks
+    is shown as 0)."""
     pct = round(conf * 100)
     models = list(rates)
     metrics = list(next(iter(rates.values())))
@@ -419,11 +468,16 @@ def render_markdown(
             for m in metrics
         ]
         lines.append(f"| {model} | {int(row[metrics[0]]['n'])} | " + " | ".join(cells) + " |")
+    table = cause_table({model: (causes or {}).get(model, {}) for model in models}) if causes else {}
     if causes:
         lines += ["", "## Failure causes (count of prompts)", ""]
-        for model in models:
-            listed = ", ".join(f"{cause} {count}" for cause, count in causes.get(model, {}).items())
-            lines.append(f"- {model}: {listed or 'none'}")
+        order = list(next(iter(table.values()))) if table else []
+        if order:
+            lines.append("| model | " + " | ".join(order) + " |")
+            lines.append("|---|" + "---:|" * len(order))
+            lines += [f"| {model} | " + " | ".join(str(table[model][c]) for c in order) + " |" for model in models]
+        else:
+            lines.append("None: every output passed.")
     if diffs:
         lines += [
             "",
@@ -481,3 +535,208 @@ def plot_rates(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
     plt.close(fig)
+
+
+# --- Report: one self-contained HTML page (inline SVG, no script, nothing fetched)
+
+PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+
+
+def _esc(value: Any) -> str:
+    import html
+
+    return html.escape(str(value), quote=True)
+
+
+def svg_rates(rates: Mapping[str, Mapping[str, Mapping[str, float]]], *, conf: float) -> str:
+    """Rates as bars with interval whiskers, one group per outcome, one colour per model."""
+    models = list(rates)
+    metrics = list(next(iter(rates.values())))
+    group, bar, left, top, height = 40 + 34 * len(models), 26, 48, 24, 220
+    width = left + group * len(metrics) + 150
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{top + height + 70}" '
+        f'role="img" aria-label="rates with {round(conf * 100)}% intervals">'
+    ]
+    for tick in range(0, 101, 25):
+        y = top + height * (1 - tick / 100)
+        parts.append(f'<line x1="{left}" x2="{width - 150}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{tick}%</text>')
+    for i, metric in enumerate(metrics):
+        x0 = left + group * i + 20
+        for j, model in enumerate(models):
+            s = rates[model][metric]
+            x = x0 + 34 * j
+            y = top + height * (1 - s["rate"])
+            lo, hi = top + height * (1 - s["ci_low"]), top + height * (1 - s["ci_high"])
+            colour = PALETTE[j % len(PALETTE)]
+            parts.append(
+                f'<rect x="{x}" y="{y:.1f}" width="{bar}" height="{top + height - y:.1f}" fill="{colour}">'
+                f"<title>{_esc(model)} {_esc(label(metric))}: {points(s['rate'])}% "
+                f"[{points(s['ci_low'])}, {points(s['ci_high'])}]</title></rect>"
+            )
+            cx = x + bar / 2
+            parts.append(f'<line x1="{cx}" x2="{cx}" y1="{lo:.1f}" y2="{hi:.1f}" stroke="#222" stroke-width="1.5"/>')
+            for yy in (lo, hi):
+                parts.append(f'<line x1="{cx - 5}" x2="{cx + 5}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#222"/>')
+        parts.append(
+            f'<text x="{x0 + 17 * len(models)}" y="{top + height + 18}" text-anchor="middle" font-size="12">'
+            f"{_esc(label(metric))}</text>"
+        )
+    for j, model in enumerate(models):
+        y = top + 14 + 18 * j
+        parts.append(f'<rect x="{width - 130}" y="{y - 10}" width="12" height="12" fill="{PALETTE[j % len(PALETTE)]}"/>')
+        parts.append(f'<text x="{width - 112}" y="{y}" font-size="12">{_esc(model)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_lines(series: Mapping[str, Sequence[tuple[float, float]]], *, x_label: str, y_label: str) -> str:
+    """Line charts of ``name -> [(x, y), ...]`` on shared axes; a one-point series is a dot."""
+    points_all = [pt for values in series.values() for pt in values]
+    if not points_all:
+        return ""
+    xs, ys = [p[0] for p in points_all], [p[1] for p in points_all]
+    x_min, x_max = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y_min, y_max = min(0.0, min(ys)), max(ys) if max(ys) > 0 else 1.0
+    left, top, width, height = 56, 16, 520, 220
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return left + width * (x - x_min) / (x_max - x_min), top + height * (1 - (y - y_min) / (y_max - y_min))
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{left + width + 160}" height="{top + height + 48}" '
+        f'role="img" aria-label="{_esc(y_label)} by {_esc(x_label)}">',
+        f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#bbb"/>',
+    ]
+    for k in range(5):
+        value = y_min + (y_max - y_min) * k / 4
+        _, y = at(x_min, value)
+        parts.append(f'<line x1="{left}" x2="{left + width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{value:.3g}</text>')
+    for value in (x_min, (x_min + x_max) / 2, x_max):
+        x, _ = at(value, y_min)
+        parts.append(f'<text x="{x:.1f}" y="{top + height + 16}" text-anchor="middle" font-size="11">{value:.0f}</text>')
+    parts.append(f'<text x="{left + width / 2}" y="{top + height + 36}" text-anchor="middle" font-size="12">'
+                 f"{_esc(x_label)}</text>")
+    for j, (name, values) in enumerate(series.items()):
+        colour = PALETTE[j % len(PALETTE)]
+        coords = [at(x, y) for x, y in values]
+        if len(coords) > 1:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        for x, y in coords if len(coords) <= 3 else []:
+            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}"/>')
+        ly = top + 14 + 18 * j
+        parts.append(f'<rect x="{left + width + 14}" y="{ly - 10}" width="12" height="12" fill="{colour}"/>')
+        parts.append(f'<text x="{left + width + 32}" y="{ly}" font-size="12">{_esc(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric_from: int = 1) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(
+            (f'<td class="num">{_esc(c)}</td>' if i >= numeric_from else f"<td>{_esc(c)}</td>")
+            for i, c in enumerate(row)
+        ) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+HTML_STYLE = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ddd;padding:.3em .6em}
+th{background:#f4f4f4;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
+pre{background:#f7f7f7;padding:.6em;white-space:pre-wrap;word-break:break-all;font-size:.85em}
+.note{color:#555;font-size:.92em}svg.chart{display:block;margin:.6em 0}
+"""
+
+
+def render_html(
+    rates: Mapping[str, Mapping[str, Mapping[str, float]]],
+    diffs: Mapping[tuple[str, str], Mapping[str, Mapping[str, float]]],
+    hashes: Mapping[str, str],
+    *,
+    conf: float,
+    failures: Mapping[str, Sequence[Mapping[str, Any]]],
+    curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+    plans: Mapping[str, Mapping[str, Any]],
+    samples: Mapping[str, str],
+) -> str:
+    """``reports/index.html``: the compare table, rates with intervals (inline SVG), loss
+    curves per training stage (``curves``: stage -> series name -> (step, loss)), each
+    stage's plan, failure causes with an example output each, and links to the samples
+    files (``samples``: model -> path relative to the page). One file, no script, no
+    stylesheet or font fetched; the same inputs give the same bytes."""
+    pct = round(conf * 100)
+    models = list(rates)
+    metrics = list(next(iter(rates.values())))
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>tuneline: probe comparison</title>',
+        f"<style>{HTML_STYLE}</style></head><body>",
+        "<h1>Probe comparison</h1>",
+        f'<p class="note">Suite sha256 <code>{_esc(hashes["suite_sha256"][:12])}</code>, contract sha256 '
+        f'<code>{_esc(hashes["contract_sha256"][:12])}</code>. Rates with Wilson {pct}% intervals; differences '
+        f"are paired over the same prompts (Newcombe's {pct}% score interval, exact McNemar p-value).</p>",
+        f"<h2>Rates ({pct}% Wilson interval)</h2>",
+        _table(
+            ["model", "n", *(label(m) for m in metrics)],
+            [
+                [model, int(rates[model][metrics[0]]["n"])]
+                + [f"{points(rates[model][m]['rate'])}% [{points(rates[model][m]['ci_low'])}, "
+                   f"{points(rates[model][m]['ci_high'])}]" for m in metrics]
+                for model in models
+            ],
+        ),
+        svg_rates(rates, conf=conf),
+    ]
+    if diffs:
+        out.append(f"<h2>Paired differences (points, {pct}% Newcombe interval)</h2>")
+        out.append("<ul>" + "".join(f"<li>{_esc(verdict(m, o, d, conf=conf)).replace('**', '')}</li>"
+                                    for (m, o), d in diffs.items()) + "</ul>")
+        out.append(_table(
+            ["comparison", "outcome", "diff", "interval", "p (McNemar)", "only model", "only other"],
+            [
+                [f"{model} vs {other}", label(metric), signed_points(s["diff"]),
+                 interval_points(s["ci_low"], s["ci_high"]), _p_cell(s["p_value"]), s["only_model"], s["only_other"]]
+                for (model, other), per_metric in diffs.items()
+                for metric, s in per_metric.items()
+            ],
+            numeric_from=2,
+        ))
+    out.append("<h2>Training</h2>")
+    if not curves and not plans:
+        out.append('<p class="note">No training logs found beside the probe results.</p>')
+    for stage in dict.fromkeys([*curves, *plans]):  # pipeline order
+        out.append(f"<h3>{_esc(stage)}</h3>")
+        chart = svg_lines(curves.get(stage, {}), x_label="optimizer step", y_label="loss")
+        out.append(chart or '<p class="note">No loss log.</p>')
+        plan = plans.get(stage)
+        if plan:
+            out.append(_table(["plan", "value"], sorted(plan.items())))
+    table = cause_table({m: failure_causes(failures.get(m, [])) for m in models})
+    order = list(next(iter(table.values()))) if table else []
+    out.append("<h2>Failure causes (count of prompts)</h2>")
+    if order:
+        out.append(_table(["model", *order], [[m, *(table[m][c] for c in order)] for m in models]))
+    else:
+        out.append("<p>None: every output passed.</p>")
+    for model in models:
+        for group in failures.get(model, []):
+            if not group.get("examples"):
+                continue
+            example = group["examples"][0]
+            out.append(
+                f"<details><summary>{_esc(model)}: {_esc(group['cause'])} ({int(group['count'])}), e.g. "
+                f"<code>{_esc(example.get('id', ''))}</code></summary><pre>{_esc(example.get('output', ''))}</pre>"
+                f"</details>"
+            )
+    out.append("<h2>Samples</h2><ul>")
+    out += [f'<li><a href="{_esc(path)}">{_esc(model)}: {_esc(path)}</a></li>' for model, path in samples.items()]
+    out.append("</ul></body></html>")
+    return "\n".join(out) + "\n"

@@ -644,6 +644,11 @@ def _lock_hashes(root: Path, name: str) -> dict[str, tuple[str | None, dict[str,
     return recorded
 
 
+def _is_run_record(path: str) -> bool:
+    """A run record (``<reports>/provenance/...``): commit, versions and timings of a run."""
+    return "provenance" in Path(path).parts[:-1]
+
+
 def _metric_outputs(root: Path, name: str) -> set[str]:
     """The stage's outputs that are DVC metrics (where timings are expected to differ)."""
     with open_dvc_repo(root) as repo:
@@ -702,7 +707,7 @@ def verify_determinism(root: Path, name: str, *, keep_scratch: bool = False) -> 
                         check.files.append({"path": rel, "lock": a, "fresh": b, "diff": diff})
             elif not check.same and lock_files is None:
                 check.only_run_facts = _differs_only_in_run_facts(
-                    root / path, scratch.project / path, lock_value, metric=path in metrics
+                    root / path, scratch.project / path, lock_value, metric=path in metrics or _is_run_record(path)
                 )
                 if not check.only_run_facts:
                     check.diff = _text_diff(root / path, scratch.project / path, lock_value)

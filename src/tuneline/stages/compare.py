@@ -1,8 +1,17 @@
 """compare: rates with intervals and paired differences between the probed models.
 
-Reads:  ``<metrics>/probe/<model>.json`` and ``<reports>/probe/<model>.samples.jsonl`` for
-        every model in ``probe.models``.
-Writes: ``<metrics>/compare.json``, ``<reports>/compare.md``, ``<reports>/compare_rates.png``.
+Reads:  for every model in ``probe.models``: ``<metrics>/probe/<model>.json``,
+        ``<reports>/probe/<model>.{samples,failures}.jsonl`` and the run record
+        ``<reports>/provenance/probe/<model>.json`` (suite and contract hashes); for the
+        training stages (``sft``, ``dpo``) where present, the DVCLive loss logs
+        ``<metrics>/<stage>/plots/metrics/{loss,eval/loss}.tsv`` and the plan in
+        ``<reports>/provenance/<stage>.json``.
+Writes: ``<metrics>/compare.json`` (rates, differences, hashes: a stage output, not a DVC
+        metric), ``<reports>/compare.md``, ``<reports>/compare_rates.png``,
+        ``<reports>/compare_rates.json`` (the rates with intervals as DVC plot data),
+        ``<reports>/index.html`` (one self-contained page: tables, inline SVG charts, loss
+        curves, plans, failure causes with examples, links to the samples) and
+        ``<reports>/provenance/compare.json`` (commit, versions, confidence).
 Params: ``probe.models``, ``compare.baseline``, ``compare.pairs``, ``compare.confidence``,
         ``compare.min_effect``, ``compare.power``.
 
@@ -22,21 +31,29 @@ stage only says which runs and which pairs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+from tuneline.errors import InputError
 from tuneline.params import Params
-from tuneline.provenance import stamp
-from tuneline.records import write_json, write_text
+from tuneline.provenance import run_provenance_path, write_provenance
+from tuneline.records import read_json, write_json, write_text
 from tuneline.reporting import (
     ProbeRun,
     compare_runs,
     failure_causes,
+    load_failures,
     load_probe_run,
     output_paths,
     plot_rates,
+    rate_rows,
+    render_html,
     render_markdown,
 )
+
+# The pipeline's training stages: their loss logs and plans go into the HTML report.
+TRAINING_STAGES = ("sft", "dpo")
 
 
 def comparisons(params: Params) -> list[tuple[str, str]]:
@@ -49,12 +66,46 @@ def comparisons(params: Params) -> list[tuple[str, str]]:
     return result
 
 
+def read_curve(path: Path) -> list[tuple[float, float]]:
+    """``(step, value)`` rows of a DVCLive metric TSV (header ``step<TAB>name``)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()[1:], start=2):
+        try:
+            step, value = line.split("\t")[:2]
+            rows.append((float(step), float(value)))
+        except ValueError as exc:
+            raise InputError(f"{path}:{number}: expected step<TAB>value, got {line!r}") from exc
+    return rows
+
+
+def training_logs(params: Params) -> tuple[dict[str, dict[str, list[tuple[float, float]]]], dict[str, Any]]:
+    """Loss curves (train, eval) and plans of the training stages that have them."""
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    plans: dict[str, Any] = {}
+    for stage in TRAINING_STAGES:
+        log = Path(params.paths.metrics) / stage / "plots" / "metrics"
+        series = {f"{stage} {split}": read_curve(log / name) for split, name in (("train", "loss.tsv"),
+                                                                              ("eval", "eval/loss.tsv"))}
+        if any(series.values()):
+            curves[stage] = {name: values for name, values in series.items() if values}
+        record = run_provenance_path(params.paths.reports, stage)
+        if record.is_file():
+            plan = (read_json(record).get("run") or {}).get("plan")
+            if plan:
+                plans[stage] = plan
+    return curves, plans
+
+
 def run(params: Params) -> dict[str, Any]:
     cp = params.compare
     runs: dict[str, ProbeRun] = {}
+    failures: dict[str, list[dict[str, Any]]] = {}
     for name in params.probe.models:
         paths = output_paths(params, name)
-        runs[name] = load_probe_run(name, paths.metrics, paths.samples)
+        runs[name] = load_probe_run(name, paths.metrics, paths.samples, paths.provenance)
+        failures[name] = load_failures(paths.failures) if paths.failures.is_file() else []
     hashes, rates, diffs = compare_runs(runs, comparisons(params), conf=cp.confidence)
 
     reports = Path(params.paths.reports)
@@ -68,14 +119,25 @@ def run(params: Params) -> dict[str, Any]:
         min_effect=cp.min_effect,
         power=cp.power,
         plot_name=plot_path.name,
-        causes={name: failure_causes(run) for name, run in runs.items()},
+        causes={name: failure_causes(groups) for name, groups in failures.items()},
     )
     write_text(reports / "compare.md", markdown)
+    write_json(reports / "compare_rates.json", rate_rows(rates))
+    curves, plans = training_logs(params)
+    samples = {
+        name: Path(os.path.relpath(output_paths(params, name).samples, reports)).as_posix() for name in runs
+    }
+    page = render_html(
+        rates, diffs, hashes, conf=cp.confidence, failures=failures, curves=curves, plans=plans, samples=samples
+    )
+    write_text(reports / "index.html", page)
 
     metrics: dict[str, Any] = dict(rates)
     for (a, b), per_metric in diffs.items():
         metrics[f"{a}_vs_{b}"] = per_metric
     metrics.update(hashes)
-    metrics["provenance"] = stamp(confidence=cp.confidence, interval="newcombe")
     write_json(Path(params.paths.metrics) / "compare.json", metrics)
+    write_provenance(
+        run_provenance_path(reports, "compare"), {"stage": "compare", "confidence": cp.confidence, "interval": "newcombe"}
+    )
     return metrics

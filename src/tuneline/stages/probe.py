@@ -3,9 +3,12 @@
 Reads:  the probe suite (``probe.suite``, default ``paths.probe_suite``), the contract
         schema (``paths.schema_file``), the base model (``paths.base_model``) and, unless
         the model is the base itself, its LoRA adapter directory (``probe.models[MODEL]``).
-Writes: ``<metrics>/probe/<MODEL>.json``, ``<reports>/probe/<MODEL>.samples.jsonl`` (every
-        output with its parse, validation and task-check results) and
-        ``<reports>/probe/<MODEL>.failures.jsonl`` (failures grouped by cause).
+Writes: ``<metrics>/probe/<MODEL>.json`` (``n`` and every outcome's rate: what ``dvc metrics``
+        compares), ``<reports>/probe/<MODEL>.samples.jsonl`` (every output with its parse,
+        validation and task-check results), ``<reports>/probe/<MODEL>.failures.jsonl``
+        (failures grouped by cause) and ``<reports>/provenance/probe/<MODEL>.json`` (the run
+        record: suite and contract hashes, decoding, the model loaded, commit, versions, and
+        under ``run`` failure causes, field presence, tokens and timings).
 Params: ``task``, ``model``, ``paths``, ``seed`` and ``probe.*``.
 
 One process loads the base once and applies the model's adapter on top (none for the
@@ -34,7 +37,7 @@ from typing import Any
 from tuneline.contract import load_suite
 from tuneline.errors import InputError
 from tuneline.params import Params
-from tuneline.provenance import sha256_file, stamp
+from tuneline.provenance import sha256_file, write_provenance
 from tuneline.records import write_json, write_jsonl
 from tuneline.reporting import binary_outcomes, output_paths
 
@@ -138,7 +141,8 @@ def summarize(samples: Sequence[Mapping[str, Any]], root_fields: Sequence[str], 
     metrics["mean_new_tokens"] = round(tokens / n, 3)
     metrics["tokens_per_s"] = round(tokens / seconds, 2) if seconds > 0 else 0.0
     metrics["generation_s"] = round(seconds, 3)
-    metrics["failure_causes"] = dict(sorted(Counter(s["cause"] for s in samples).items()))
+    # ``ok`` is not a failure cause
+    metrics["failure_causes"] = dict(sorted(Counter(s["cause"] for s in samples if s["cause"] != "ok").items()))
     return metrics
 
 
@@ -208,18 +212,22 @@ def run(params: Params, model: str) -> dict[str, Any]:
         for line, prompt, gen in zip(suite, prompts, [gen for (gen,) in outputs], strict=True)
     ]
 
-    metrics = summarize(samples, contract.schema.get("required", []), seconds)
-    metrics["model"] = model
-    metrics["suite_sha256"] = sha256_file(suite_path)
-    metrics["contract_sha256"] = sha256_file(params.paths.schema_file)
-    metrics["provenance"] = stamp(
-        model=loaded.provenance,
-        suite=str(suite_path),
-        n_suite_selected=len(suite),
-        contract=str(params.paths.schema_file),
-        decoding=decoding(params),
-    )
+    summary = summarize(samples, contract.schema.get("required", []), seconds)
+    metrics = {k: v for k, v in summary.items() if k == "n" or k in binary_outcomes(samples[0])}
+    provenance = {
+        "stage": f"probe@{model}",
+        "model": model,
+        "suite_sha256": sha256_file(suite_path),
+        "contract_sha256": sha256_file(params.paths.schema_file),
+        "suite": str(suite_path),
+        "n_suite_selected": len(suite),
+        "contract": str(params.paths.schema_file),
+        "decoding": decoding(params),
+        "loaded": loaded.provenance,
+        "run": {k: v for k, v in summary.items() if k not in metrics},
+    }
     write_jsonl(paths.samples, samples)
     write_jsonl(paths.failures, group_failures(samples))
     write_json(paths.metrics, metrics)
-    return metrics
+    write_provenance(paths.provenance, provenance)
+    return {**metrics, **provenance["run"], **{k: v for k, v in provenance.items() if k != "run"}}

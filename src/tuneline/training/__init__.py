@@ -49,8 +49,8 @@ from tuneline.training.outputs import (
     epoch_losses,
     last_logged,
     model_card,
+    split_metrics,
     write_model_dir,
-    write_plots,
 )
 from tuneline.training.plan import Plan, announce_plan, make_plan, plan_for_trainer
 
@@ -61,5 +61,5 @@ __all__ = [
     "lora_config", "make_plan", "manifest", "model_card",
     "pick_checkpoint", "plan_for_trainer", "read_sample", "resume_checkpoint", "shared_dataset", "train_adapter",
     "train_with_checkpoints", "trainable_snapshot", "trained_model", "trainer_args", "wait_for_everyone",
-    "write_model_dir", "write_plots",
+    "write_model_dir", "split_metrics",
 ]

@@ -7,6 +7,11 @@
 - ``MarkerCallback``: marks a checkpoint complete once the trainer has written it.
 - ``StartCallback``: the global step the trainer starts from once it has loaded a
   checkpoint, and the optimizer steps it runs: what resume metrics are made of.
+- ``ProgressBarCallback``: one progress line on the main process (optimizer steps, ETA,
+  the last logged loss) in place of the Trainer's printed log dicts (``use_progress_bar``).
+- ``LiveCallback``: the Trainer's logs through DVCLive's Hugging Face callback into a
+  directory that ``dvc plots`` reads (``open_live``): main process only, x = optimizer
+  step, no timestamps, no DVC experiment, no ``dvc.yaml`` written.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.integrations import DVCLiveCallback
 
 from tuneline.errors import TunelineError
 from tuneline.training.checkpoints import write_marker
@@ -183,3 +189,119 @@ class StartCallback(TrainerCallback):
                 f"{stage}: the trainer ran {self.steps_run} optimizer steps from step {self.start_step} to "
                 f"{end_step}; no adapter was written"
             )
+
+
+class ProgressBarCallback(TrainerCallback):
+    """One tqdm line per run on the main process: optimizer steps done of the plan's, the
+    ETA and the last logged train (and eval) loss, the same kind of bar the generation loop
+    shows. The Trainer's own printing (a log dict per logging step) is removed by
+    ``use_progress_bar``; the logs themselves go to files (``LiveCallback``)."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.bar: Any = None
+        self.shown: dict[str, str] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc=self.stage, unit="step", dynamic_ncols=True
+            )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.bar is None:
+            return
+        for key, name in (("loss", "loss"), ("eval_loss", "eval_loss")):
+            value = (logs or {}).get(key)
+            if isinstance(value, int | float):
+                self.shown[name] = f"{value:.4g}"
+        if self.shown:
+            self.bar.set_postfix(self.shown, refresh=True)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def use_progress_bar(trainer: Any, stage: str) -> ProgressBarCallback:
+    """Replace the Trainer's log printing (``PrinterCallback``, or ``ProgressCallback``
+    with its dict per logging step) by one ``ProgressBarCallback``."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    bar = ProgressBarCallback(stage)
+    trainer.add_callback(bar)
+    return bar
+
+
+def open_live(directory: Path) -> Any:
+    """A ``dvclive.Live`` writing only under ``directory``: no DVC experiment saved
+    (``save_dvc_exp``), no ``dvc.yaml`` written, no report, no Studio events, and no look
+    at the DVC repository or git (DVCLive would otherwise open, or even initialise, the
+    repository and ``git add`` its directory inside ``dvc exp run``)."""
+    from dvclive import Live
+
+    class StageLive(Live):
+        def _init_dvc(self) -> None:
+            self._save_dvc_exp = False
+
+        def _init_studio(self) -> None:
+            self._studio_events_to_skip.update({"start", "data", "done"})
+
+    return StageLive(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
+
+
+class LiveCallback(DVCLiveCallback):
+    """The Trainer's logs as DVCLive metrics (``<dir>/plots/metrics/<name>.tsv`` with
+    columns ``step`` and the name, and the last values in ``<dir>/metrics.json``), through
+    the Hugging Face callback DVCLive documents (``transformers.integrations``; the copy in
+    ``dvclive.huggingface`` is deprecated in favour of it).
+
+    Differences from the stock callback, so the files are byte-deterministic and the same
+    after a resume: the step is the Trainer's optimizer step (not a count of log calls);
+    only ``keys`` are logged (no runtimes or samples per second); TrainingArguments are not
+    logged (paths and run names; the params are DVC's); a resumed run replays the log
+    history its checkpoint restored. Only the main process is given one.
+    """
+
+    def __init__(self, live: Any, keys: tuple[str, ...]):
+        super().__init__(live=live)
+        self.keys = keys
+
+    def setup(self, args: Any, state: Any, model: Any) -> None:
+        self._initialized = True
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self.setup(args, state, model)
+        for entry in state.log_history:  # restored from a checkpoint when resuming
+            self.log_entry(state, entry, int(entry.get("step", 0)))
+
+    def on_log(self, args: Any, state: Any, control: Any, model: Any = None, logs: Any = None, **kwargs: Any) -> None:
+        if not self._initialized:
+            self.setup(args, state, model)
+        self.log_entry(state, logs or {}, state.global_step)
+
+    def log_entry(self, state: Any, logs: Mapping[str, Any], step: int) -> None:
+        from dvclive.utils import standardize_metric_name
+
+        if not state.is_world_process_zero:
+            return
+        values = {k: v for k, v in logs.items() if k in self.keys and isinstance(v, int | float)}
+        if not values:
+            return
+        self.live.step = step
+        for key, value in values.items():
+            self.live.log_metric(standardize_metric_name(key, "dvclive.huggingface"), float(value))
+        self.live.make_summary()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._initialized and state.is_world_process_zero:
+            self.live.end()

@@ -1,13 +1,26 @@
 """``train_adapter``: the one training loop of the sft and dpo stages.
 
-plan → announce → resume → train with checkpoints → guards → the step count against the
-plan → weights changed → save the model directory → plots and metrics → drop the
-checkpoints. The stages build their trainer and plan and say what they add (results
-from the log, files beside the adapter); everything else is the same for both.
+plan → announce → resume → train with checkpoints (one progress line, the log through
+DVCLive) → guards → the step count against the plan → weights changed → save the model
+directory → metrics and the run record → drop the checkpoints. The stages build their
+trainer and plan and say what they add (results from the log, files beside the
+adapter); everything else is the same for both.
+
+What a run leaves besides the model (``job_paths``):
+
+- ``<metrics>/<stage>.json``: the numbers a user compares between versions (``train_loss``
+  and the stage's own results, e.g. ``eval_loss``), what ``dvc metrics show`` and ``dvc exp
+  show`` print;
+- ``<metrics>/<stage>/``: DVCLive's directory (``plots/metrics/*.tsv`` per logged key,
+  x = optimizer step, and ``metrics.json``), what ``dvc plots`` draws;
+- ``<reports>/provenance/<stage>.json``: the run record, not a metric: the commit and
+  library versions (``write_run_provenance``) and under ``run`` the plan, warnings, steps,
+  tokens, timings and throughput.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,15 +30,18 @@ from typing import Any
 from tuneline.errors import TunelineError
 from tuneline.modeling import Loaded
 from tuneline.params import Params
-from tuneline.provenance import write_run_provenance
+from tuneline.provenance import run_provenance_path, write_run_provenance
 from tuneline.records import atomic_dir, commit_staged, read_json, write_json
 from tuneline.training.callbacks import (
     GuardCallback,
+    LiveCallback,
     MarkerCallback,
     StartCallback,
     ThroughputCallback,
     check_weights_changed,
+    open_live,
     trainable_snapshot,
+    use_progress_bar,
 )
 from tuneline.training.checkpoints import (
     finish_checkpoints,
@@ -37,8 +53,8 @@ from tuneline.training.outputs import (
     epoch_losses,
     last_logged,
     model_card,
+    split_metrics,
     write_model_dir,
-    write_plots,
 )
 from tuneline.training.plan import Plan, announce_plan
 
@@ -52,7 +68,7 @@ class Job:
     out_dir: Path
     run_id: str  # tuneline.training.checkpoints.fingerprint of everything the run depends on
     provenance: dict[str, Any]  # content provenance for provenance.json (results are added)
-    plot_keys: tuple[str, ...]
+    plot_keys: tuple[str, ...]  # the Trainer log keys written to the DVCLive directory
     # Stage results read from the Trainer's log history (beside the common ones).
     results: Callable[[list[dict[str, Any]]], dict[str, Any]] = lambda history: {}
     # Called with the model directory before it is moved into place (dpo: copy the parent).
@@ -60,7 +76,7 @@ class Job:
 
 
 def job_paths(params: Params, stage: str) -> tuple[Path, Path, Path]:
-    """``(metrics file, plots directory, checkpoints directory)`` of a training stage."""
+    """``(metrics file, DVCLive directory, checkpoints directory)`` of a training stage."""
     metrics = Path(params.paths.metrics)
     return metrics / f"{stage}.json", metrics / stage, Path(params.paths.checkpoints) / stage
 
@@ -69,7 +85,8 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
     """Train ``trainer``'s adapter as ``plan`` says and write what the run leaves.
 
     Every rank of a distributed run calls this; the main process writes the outputs and
-    returns the metrics, the others return the metrics file it wrote.
+    returns everything it recorded (metrics and the run record's ``run`` section in one
+    dict), the others return the same read back from the files it wrote.
     """
     stage = job.stage
     section = getattr(params, stage)
@@ -78,6 +95,7 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
     warnings = announce_plan(plan, stage, section.min_optimizer_steps, section.strict_plan, show=main)
 
     match_adapter_dtype(trainer)
+    use_progress_bar(trainer, stage)
     trainer.add_callback(GuardCallback(stage))
     trainer.add_callback(MarkerCallback(job.run_id))
     throughput = ThroughputCallback()
@@ -86,22 +104,41 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
     trainer.add_callback(start)
     initial = trainable_snapshot(trainer.model)
     resume = resume_checkpoint(ckpt_dir, job.run_id, stage)
-    started = time.perf_counter()
-    result = train_with_checkpoints(trainer, resume, ckpt_dir, stage)
-    runtime = time.perf_counter() - started
-    check_steps(trainer.state.global_step, plan, stage)
-    start.check(resume, trainer.state.global_step, stage)
-    model, state = trained_model(trainer)
-    if not main:
-        wait_for_everyone()
-        return read_json(metrics_path)
-    change = check_weights_changed(model, initial, stage, state)
+    with contextlib.ExitStack() as stack:
+        if main:
+            # DVCLive writes beside the final directory; it replaces it when the stage's
+            # outputs are committed, and a failed run leaves the previous log.
+            live_dir = stack.enter_context(atomic_dir(plot_dir))
+            trainer.add_callback(LiveCallback(open_live(live_dir), job.plot_keys))
+        started = time.perf_counter()
+        result = train_with_checkpoints(trainer, resume, ckpt_dir, stage)
+        runtime = time.perf_counter() - started
+        check_steps(trainer.state.global_step, plan, stage)
+        start.check(resume, trainer.state.global_step, stage)
+        model, state = trained_model(trainer)
+        if not main:
+            wait_for_everyone()
+            return {**read_json(run_provenance_path(params.paths.reports, stage))["run"], **read_json(metrics_path)}
+        change = check_weights_changed(model, initial, stage, state)
+        return _finish(params, job, trainer, loaded, plan, result, runtime, change, state, model, warnings,
+                       start, throughput, stack)
+
+
+def _finish(
+    params: Params, job: Job, trainer: Any, loaded: Loaded, plan: Plan, result: Any, runtime: float, change: float,
+    state: Any, model: Any, warnings: list[str], start: StartCallback, throughput: ThroughputCallback,
+    stack: contextlib.ExitStack,
+) -> dict[str, Any]:
+    """The main process's outputs: model directory, DVCLive log, metrics, run record."""
+    stage = job.stage
+    metrics_path, plot_dir, ckpt_dir = job_paths(params, stage)
 
     history = trainer.state.log_history
+    own = job.results(history)
     results = {
         "train_loss": float(result.training_loss),
         "final_loss": last_logged(history, "loss"),
-        **job.results(history),
+        **own,
         "steps": trainer.state.global_step,
         "tokens_seen": plan.tokens_total,
         "max_weight_change": change,
@@ -114,21 +151,25 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
         )
         if job.add_files is not None:
             job.add_files(tmp)
-    write_run_provenance(params, stage, {"model": str(job.out_dir), "adapter_sha256": provenance["adapter_sha256"]})
-    metrics = {
+    recorded = {
         "plan": plan.as_dict(),
         "warnings": warnings,
         **results,
         **timing(runtime, start.start_step, plan),
         **throughput.summary(plan.tokens_total / max(plan.optimizer_steps, 1)),
         "eval_loss_per_epoch": epoch_losses(history),
-        "plots": write_plots(history, plot_dir, job.plot_keys),
+        "log": plot_dir.as_posix(),
     }
+    metrics, run = split_metrics(recorded, ("train_loss", *own))
+    stack.close()  # the DVCLive directory is complete: stage it beside the other outputs
+    write_run_provenance(
+        params, stage, {"model": str(job.out_dir), "adapter_sha256": provenance["adapter_sha256"], "run": run}
+    )
     write_json(metrics_path, metrics)
     commit_staged()  # the outputs are in place before the checkpoints go; the other ranks read the metrics
     finish_checkpoints(ckpt_dir, job.run_id, trainer.state.global_step)
     wait_for_everyone()
-    return metrics
+    return recorded
 
 
 def check_steps(steps: int, plan: Plan, stage: str) -> None:

@@ -1,5 +1,6 @@
 """What a training run leaves: the model directory (adapter, tokenizer, provenance.json,
-model card), per-step plots and the metrics helpers.
+model card) and the metrics helpers (the per-step log is DVCLive's,
+``tuneline.training.callbacks.LiveCallback``).
 
 The model directory holds content only (sources, content hashes, params, plan, results):
 the same inputs give the same bytes from any commit or machine. The git commit and
@@ -26,22 +27,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 UNORDERED_CONFIG_KEYS = ("target_modules", "exclude_modules")
 
 
-def write_plots(log_history: Iterable[Mapping[str, Any]], directory: Path, keys: Iterable[str]) -> list[str]:
-    """One ``step<TAB>value`` TSV per logged key (what ``dvc plots`` reads)."""
-    written = []
-    for key in keys:
-        rows = [
-            (entry["step"], entry[key])
-            for entry in log_history
-            if key in entry and isinstance(entry[key], int | float) and "step" in entry
-        ]
-        if not rows:
-            continue
-        name = key.replace("/", "_")
-        lines = [f"step\t{name}"] + [f"{step}\t{value:.6g}" for step, value in rows]
-        write_text(directory / f"{name}.tsv", "\n".join(lines) + "\n")
-        written.append(name)
-    return written
+def split_metrics(recorded: Mapping[str, Any], headline: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metrics, run)``: the ``headline`` numbers a user compares between versions (the
+    DVC metrics file) and everything else a run recorded (the run record's ``run``)."""
+    keys = list(headline)
+    return {k: recorded[k] for k in keys if k in recorded}, {k: v for k, v in recorded.items() if k not in keys}
 
 
 def epoch_losses(log_history: Iterable[Mapping[str, Any]], key: str = "eval_loss") -> list[dict[str, float]]:
