@@ -6,7 +6,8 @@ Reads:   ``paths.generated``/``sft.jsonl`` and ``preferences.jsonl``, ``paths.sc
 Writes:  ``paths.clean``/``train.jsonl``, ``val.jsonl``, ``rejected.jsonl`` (every dropped
          record with its reason and details), ``lengths.jsonl`` (token counts of every
          record that was tokenized), ``preferences.jsonl`` (imported preference triples that
-         passed the leakage and contamination checks); ``paths.metrics``/``clean.json``.
+         passed the leakage and contamination checks); ``paths.metrics``/``clean.json``;
+         the run record ``paths.reports``/``provenance/clean.json``.
 Params:  ``task``, ``paths``, ``model.format``, ``clean``, ``sft.max_seq_len``.
 
 Normalisation (applied once, before any filter): Unicode NFC everywhere; the instruction
@@ -87,7 +88,7 @@ from tuneline.filters import (
     task_filter,
 )
 from tuneline.params import Params
-from tuneline.provenance import sha256_file, stamp
+from tuneline.provenance import sha256_file, write_run_provenance
 from tuneline.records import read_jsonl, write_json, write_jsonl
 from tuneline.similarity import SimilarityIndex, gram_order, shingles
 
@@ -158,6 +159,15 @@ def run(params: Params) -> dict[str, Any]:
         params, candidates, kept, train, val, rejected, over, alive, pref_kept, pref_rejected, preferences
     )
     write_json(Path(params.paths.metrics) / "clean.json", metrics)
+    write_run_provenance(
+        params,
+        "clean",
+        {
+            "contract_sha256": sha256_file(params.paths.schema_file),
+            "probe_suite_sha256": sha256_file(params.probe_suite),
+            "format": params.model.format,
+        },
+    )
     return metrics
 
 
@@ -245,10 +255,5 @@ def _metrics(
             "kept": len(pref_kept),
             "rejected": len(pref_rejected),
         },
-        "provenance": stamp(
-            contract_sha256=sha256_file(params.paths.schema_file),
-            probe_suite_sha256=sha256_file(params.probe_suite),
-            format=params.model.format,
-        ),
     }
     return metrics

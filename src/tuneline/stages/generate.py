@@ -5,7 +5,8 @@ Reads:   ``paths.seed_dir``: ``destinations.jsonl`` and ``train_phrasings.json``
          key order of template envelopes); the teacher model (``generate.sources.teacher.model``,
          default ``paths.base_model``) when enabled; ``generate.sources.import.path`` when enabled.
 Writes:  ``paths.generated``/``sft.jsonl``, ``paths.generated``/``preferences.jsonl`` (imported
-         preference triples, possibly empty), ``paths.metrics``/``generate.json``.
+         preference triples, possibly empty), ``paths.metrics``/``generate.json``, the run record
+         ``paths.reports``/``provenance/generate.json``.
 Params:  ``task``, ``seed``, ``paths``, ``model`` (dtype/device for the teacher; the teacher
          is always prompted in completion format), ``generate``.
 
@@ -39,7 +40,7 @@ from tuneline.contract import load_contract
 from tuneline.datagen import imports, teacher
 from tuneline.errors import InputError
 from tuneline.params import Params
-from tuneline.provenance import project_path, sha256_file, sha256_path, stamp
+from tuneline.provenance import project_path, sha256_file, sha256_path, write_run_provenance
 from tuneline.records import write_json, write_jsonl
 
 err = Console(stderr=True)
@@ -82,11 +83,11 @@ def run(params: Params) -> dict[str, Any]:
             sorted(Counter(r["meta"].get("payload_type") or "unknown" for r in records).items())
         ),
         **details,
-        "provenance": stamp(
-            seed=params.seed, contract_sha256=sha256_file(params.paths.schema_file)
-        ),
     }
     write_json(Path(params.paths.metrics) / "generate.json", metrics)
+    write_run_provenance(
+        params, "generate", {"seed": params.seed, "contract_sha256": sha256_file(params.paths.schema_file)}
+    )
     return metrics
 
 

@@ -6,7 +6,8 @@ Reads:  ``paths.clean``/train.jsonl (chosen = each record's valid envelope), the
         ``pairs.on_policy`` is set.
 Writes: ``paths.pairs``/train.jsonl — ``{"id", "prompt", "chosen", "rejected", "meta":
         {"strategy", ...}}`` with the prompt in the model format and plain completions (the
-        trainer appends the terminator); ``paths.metrics``/pairs.json (counts per strategy).
+        trainer appends the terminator); ``paths.metrics``/pairs.json (counts per strategy); the run
+        record ``paths.reports``/provenance/pairs.json.
 Params: ``task``, ``pairs``, ``seed``, ``model.format`` (and ``model`` for on-policy sampling).
 
 Every diverse negative fails the contract (``Contract.judge``: parse, schema, or a task
@@ -34,7 +35,7 @@ from tuneline.contract import Contract, load_contract
 from tuneline.errors import InputError
 from tuneline.negatives import negatives
 from tuneline.params import Params
-from tuneline.provenance import sha256_path, stamp
+from tuneline.provenance import sha256_path, write_run_provenance
 from tuneline.records import read_jsonl, write_json, write_jsonl, written
 from tuneline.training.data import read_sample
 
@@ -139,7 +140,7 @@ def run(params: Params) -> dict[str, Any]:
         "per_strategy": dict(sorted(counts.items())),
         "skipped_per_strategy": dict(sorted(skipped.items())),
         "data_sha256": sha256_path(written(out)),
-        "provenance": stamp(seed=params.seed),
     }
     write_json(Path(params.paths.metrics) / "pairs.json", metrics)
+    write_run_provenance(params, "pairs", {"seed": params.seed})
     return metrics
