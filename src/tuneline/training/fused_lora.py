@@ -44,13 +44,26 @@ class _Group:
         if self._input is not x or index in self._served:
             weights = [m.lora_A[self.adapter].weight for m in self.members]
             weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-            self._input, self._a, self._served = x, torch.nn.functional.linear(x.to(weight.dtype), weight), set()
+            self._input, self._a, self._served = x, torch.nn.functional.linear(*_operands(x, weight)), set()
         a = self._a
         self._served.add(index)
         if len(self._served) == len(self.members):  # every sibling has its slice: hold nothing
             self._input = self._a = None
         start = self.offsets[index]
         return a[..., start:start + self.ranks[index]]
+
+
+def _operands(x: Any, weight: Any) -> tuple[Any, Any]:
+    """``(x, weight)`` in the dtype the matmul runs in. peft casts the input to the adapter's
+    dtype (float32 adapters over a bf16 base), and autocast then casts it back: under
+    autocast cast the small weight instead (the same bf16 operands, two copies of the
+    activations fewer); without autocast do what peft does."""
+    import torch
+
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype)
+    return x.to(weight.dtype), weight
 
 
 def _eligible(module: Any) -> str | None:
@@ -79,14 +92,16 @@ def _fused_forward(module: Any, group: _Group, index: int) -> Any:
     def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
         if args or kwargs or module.merged or module.disable_adapters or group.adapter not in module.active_adapters:
             return peft_forward(module, x, *args, **kwargs)
-        result = module.base_layer(x)
-        a = group.lora_a(x, index)
+        # 2-D throughout: the base output is then a tensor of its own, not a view, and the
+        # in-place add below needs no copy of it in backward.
+        x2 = x.reshape(-1, x.shape[-1])
+        result = module.base_layer(x2)
+        a = group.lora_a(x2, index)
         b = module.lora_B[group.adapter].weight * module.scaling[group.adapter]
-        flat = result.reshape(-1, result.shape[-1])
         # result += a @ (scaling * B)^T in the GEMM's epilogue; the base output is not
         # needed by the base layer's backward, so adding in place is safe for autograd.
-        flat.addmm_(a.reshape(-1, a.shape[-1]).to(flat.dtype), b.t().to(flat.dtype))
-        return result
+        result.addmm_(a.to(result.dtype), b.t().to(result.dtype))
+        return result.view(*x.shape[:-1], result.shape[-1])
 
     return forward
 
