@@ -42,7 +42,9 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str, int]] = {
     "plain": (None, "sdpa", "records", 8),
     # a tuned plain TRL script: gradient checkpointing off, Liger on, LoRA dropout 0, batch 64
     "plain-tuned": ({"plain_tuned": True}, "sdpa", "records", 64),
+    "plain-tuned-b128": ({"plain_tuned": True}, "sdpa", "records", 128),
     "padded-d0-b64": (D0, "sdpa", "records", 64),
+    "varlen-d0-b128-fast-compile": ({**VL64, **FAST, **COMPILE}, "sdpa_varlen", "records", 128),
     "varlen-d0-b64-fused": ({**VL64, "fused_lora": True}, "sdpa_varlen", "records", 64),
     "varlen-d0-b64-syncfree": ({**VL64, "sync_free_metrics": True}, "sdpa_varlen", "records", 64),
     "varlen-d0-b64-fast": ({**VL64, **FAST}, "sdpa_varlen", "records", 64),
@@ -369,9 +371,10 @@ def main() -> None:
 
     ok = [r for r in rows if "tokens_per_s" in r]
     base = next((r for r in ok if r["variant"] == "plain"), None)
-    tuned = next((r for r in ok if r["variant"] == "plain-tuned"), None)
     for row in ok:
         row["vs_plain"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2) if base else None
+        # against the tuned plain script at the same batch size
+        tuned = next((r for r in ok if r["variant"].startswith("plain-tuned") and r["batch"] == row["batch"]), None)
         row["vs_tuned"] = round(row["tokens_per_s"] / tuned["tokens_per_s"], 2) if tuned else None
     # loss curves of variants that see the same batches (same data and batch; plain TRL shuffles alike)
     def same_batches(row: dict[str, Any]) -> tuple:
