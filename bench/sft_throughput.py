@@ -33,10 +33,24 @@ from common import (
 )
 
 D0 = {"lora": {"dropout": 0.0}}
+VL64 = {**D0, "padding_free": True}
+FAST = {"fused_lora": True, "sync_free_metrics": True}
+COMPILE = {"trainer": {"torch_compile": True}}
 D01 = {"lora": {"dropout": 0.1}}  # the plain script's and the earlier GPU profile's LoRA dropout
 # name -> (sft param overrides or None for plain TRL, attention, data variant, batch)
 VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str, int]] = {
     "plain": (None, "sdpa", "records", 8),
+    # a tuned plain TRL script: gradient checkpointing off, Liger on, LoRA dropout 0, batch 64
+    "plain-tuned": ({"plain_tuned": True}, "sdpa", "records", 64),
+    "plain-tuned-b128": ({"plain_tuned": True}, "sdpa", "records", 128),
+    "padded-d0-b64": (D0, "sdpa", "records", 64),
+    "varlen-d0-b128-fast-compile": ({**VL64, **FAST, **COMPILE}, "sdpa_varlen", "records", 128),
+    "varlen-d0-b64-fused": ({**VL64, "fused_lora": True}, "sdpa_varlen", "records", 64),
+    "varlen-d0-b64-syncfree": ({**VL64, "sync_free_metrics": True}, "sdpa_varlen", "records", 64),
+    "varlen-d0-b64-fast": ({**VL64, **FAST}, "sdpa_varlen", "records", 64),
+    "varlen-d0-b64-fast-compile": ({**VL64, **FAST, **COMPILE}, "sdpa_varlen", "records", 64),
+    "varlen-d0-b128-fast": ({**VL64, **FAST}, "sdpa_varlen", "records", 128),
+    "long-varlen-d0-b16-fast-compile": ({**VL64, **FAST, **COMPILE}, "sdpa_varlen", "long", 16),
     "padded": (D01, "sdpa", "records", 32),
     "padded-d0": (D0, "sdpa", "records", 32),
     "varlen-d0": ({**D0, "padding_free": True}, "sdpa_varlen", "records", 32),
@@ -84,6 +98,77 @@ class StepClock:
         return (self.tokens1 - self.tokens0) / max(self.t1 - self.t0, 1e-9)
 
 
+class StepProfile:
+    """torch.profiler over ``steps`` optimizer steps after ``start``: where a step's time
+    goes (GPU busy vs wall, kernel launches, kernel classes, host syncs)."""
+
+    def __init__(self, start: int, steps: int):
+        from transformers import TrainerCallback
+
+        prof = self
+        self.start, self.steps, self.prof, self.wall = start, steps, None, 0.0
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+                import torch
+
+                if state.global_step == prof.start and prof.prof is None:
+                    torch.cuda.synchronize()
+                    prof.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                   torch.profiler.ProfilerActivity.CUDA])
+                    prof.prof.start()
+                    prof.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                import torch
+
+                if state.global_step == prof.start + prof.steps and prof.prof is not None and not prof.wall:
+                    torch.cuda.synchronize()
+                    prof.wall = time.perf_counter() - prof.t0
+                    prof.prof.stop()
+
+        self.callback = _Callback()
+
+    def summary(self) -> dict[str, Any]:
+        if self.prof is None or not self.wall:
+            return {"error": "the profiled window was not reached"}
+        n = self.steps
+        classes = {"gemm (cuBLAS/CUTLASS)": ("gemm", "cutlass", "nvjet", "sm90_", "xmma", "cublas"),
+                   "attention (flash/varlen)": ("flash", "fmha", "attention"),
+                   "triton (Liger, compiled)": ("triton",), "optimizer (multi-tensor)": ("multi_tensor",),
+                   "copies/memset": ("memcpy", "memset", "copy_"), "reductions": ("reduce",),
+                   "elementwise": ("elementwise", "vectorized", "unrolled")}
+        kernels: dict[str, list[float]] = {}
+        busy = 0.0
+        launches = 0
+        host: dict[str, int] = {}
+        for ev in self.prof.events():
+            if ev.device_type.name == "CUDA":
+                dt = ev.device_time_total / 1e6 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1e6
+                busy += dt
+                launches += 1
+                k = kernels.setdefault(ev.name, [0.0, 0])
+                k[0] += dt
+                k[1] += 1
+            elif ev.name in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+                             "cudaMemcpyAsync", "cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"):
+                host[ev.name] = host.get(ev.name, 0) + 1
+        by_class: dict[str, float] = {}
+        for name, (t, _) in kernels.items():
+            low = name.lower()
+            cls = next((c for c, keys in classes.items() if any(k in low for k in keys)), "other")
+            by_class[cls] = by_class.get(cls, 0.0) + t
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
+        return {
+            "steps": n, "wall_ms_per_step": round(1e3 * self.wall / n, 1),
+            "gpu_busy_ms_per_step": round(1e3 * busy / n, 1), "gpu_busy_fraction": round(busy / self.wall, 3),
+            "kernels_per_step": round(launches / n), "host_events_per_step": {k: round(v / n, 1) for k, v in host.items()},
+            "gpu_ms_per_step_by_class": {k: round(1e3 * v / n, 1) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": name[:90], "ms_per_step": round(1e3 * t / n, 2), "calls_per_step": round(c / n, 1)}
+                            for name, (t, c) in top],
+        }
+
+
 def long_records(records: list[dict[str, Any]], join: int) -> list[dict[str, Any]]:
     """The longer-sequence variant: ``join`` consecutive records as one example (the first
     prompt, then the completions and later prompts as one completion)."""
@@ -100,20 +185,23 @@ def losses(history: list[dict[str, Any]]) -> list[float]:
 
 
 def run_plain_trl(model: Any, tokenizer: Any, records: list[dict[str, Any]], steps: int, batch: int, lora: Any,
-                  warmup: int) -> dict:
-    """What a user gets from a hand-written TRL script: SFTConfig defaults + LoRA."""
+                  warmup: int, tuned: bool = False, profile: Any = None) -> dict:
+    """What a user gets from a hand-written TRL script: SFTConfig defaults + LoRA, or
+    (``tuned``) the same script with gradient checkpointing off and Liger kernels on (the
+    LoRA config then has dropout 0)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     clock = StepClock(warmup)
+    tuned_args = {"gradient_checkpointing": False, "use_liger_kernel": True} if tuned else {}
     config = SFTConfig(
         output_dir="/tmp/bench-plain", max_steps=steps, per_device_train_batch_size=batch,
         bf16=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="non_padding", **tuned_args,
     )
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                         peft_config=lora, callbacks=[clock.callback])
+                         peft_config=lora, callbacks=[clock.callback, *([profile.callback] if profile else [])])
     trainer.train()
     return {"tokens_per_s": clock.tokens_per_s, "losses": losses(trainer.state.log_history)}
 
@@ -131,7 +219,7 @@ def tuneline_rows(tokenizer: Any, model: Any, records: list[dict[str, Any]]) -> 
 
 
 def run_tuneline(model: Any, tokenizer: Any, records: list[dict[str, Any]], steps: int, batch: int,
-                 overrides: dict[str, Any], warmup: int) -> dict:
+                 overrides: dict[str, Any], warmup: int, profile: Any = None) -> dict:
     from tuneline.modeling import Loaded
     from tuneline.params import parse_params
     from tuneline.training.sft import build_trainer
@@ -146,6 +234,8 @@ def run_tuneline(model: Any, tokenizer: Any, records: list[dict[str, Any]], step
     clock = StepClock(warmup)
     trainer = build_trainer(params, loaded, rows, [], Path("/tmp/bench-tuneline"))
     trainer.add_callback(clock.callback)
+    if profile is not None:
+        trainer.add_callback(profile.callback)
     trainer.train()
     return {"tokens_per_s": clock.tokens_per_s, "losses": losses(trainer.state.log_history)}
 
@@ -193,7 +283,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--join", type=int, default=8, help="records per example in the longer-sequence variant")
-    ap.add_argument("--variants", default=DEFAULT, help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=DEFAULT, help=f"comma-separated, of: {', '.join(VARIANTS)}; NAME@profile "
+                    "runs NAME for warm-up + 4 steps under torch.profiler (3 steps after the warm-up), untimed")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining variants after this many seconds")
@@ -225,9 +316,12 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     curves: dict[str, list[float]] = {}
-    for name in args.variants.split(","):
+    profiles: dict[str, Any] = {}
+    for entry in args.variants.split(","):
+        name, _, how = entry.partition("@")
+        profiled_now = how == "profile"
         if time.perf_counter() - began > args.budget_s:
-            print(f"skipping {name}: over the time budget", flush=True)
+            print(f"skipping {entry}: over the time budget", flush=True)
             continue
         overrides, attn, data_name, batch = VARIANTS[name]
         model = build_random_model(args.shape, tokenizer, torch.bfloat16, "cuda", attn)
@@ -236,11 +330,18 @@ def main() -> None:
         started = time.perf_counter()
         try:
             recs = [dict(r) for r in data[data_name]]
-            if overrides is None:
-                lora = lora_config(LoraParams(dropout=0.1))
-                result = run_plain_trl(model, tokenizer, recs, args.steps, batch, lora, args.warmup)
+            profile = StepProfile(args.warmup, 3) if profiled_now else None
+            steps = args.warmup + 4 if profile else args.steps
+            tuned = bool(overrides and overrides.get("plain_tuned"))
+            if overrides is None or tuned:
+                lora = lora_config(LoraParams(dropout=0.0 if tuned else 0.1))
+                result = run_plain_trl(model, tokenizer, recs, steps, batch, lora, args.warmup, tuned, profile)
             else:
-                result = run_tuneline(model, tokenizer, recs, args.steps, batch, overrides, args.warmup)
+                result = run_tuneline(model, tokenizer, recs, steps, batch, overrides, args.warmup, profile)
+            if profile is not None:
+                profiles[name] = profile.summary()
+                print(f"profile {name}: {json.dumps(profiles[name])}", flush=True)
+                result = None
         except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
             print(f"{name} failed: {type(exc).__name__}: {exc}", flush=True)
             rows.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -250,11 +351,13 @@ def main() -> None:
             seq = mean_seq[data_name]
             flops = lora_train_flops_per_token(model.config, n_base, seq)
             causal = flops - 6.0 * model.config.num_hidden_layers * model.config.hidden_size * seq
-            peak = peak_tflops()
+            peak, sheet = peak_tflops(), peak_tflops(datasheet=True)
             tps = result["tokens_per_s"]
             rows.append({"variant": name, "attn": attn, "data": data_name, "batch": batch, "mean_seq": round(seq, 1),
-                         "tokens_per_s": round(tps), "mfu": tps * flops / (peak * 1e12) if peak else None,
-                         "mfu_causal": tps * causal / (peak * 1e12) if peak else None,
+                         "tokens_per_s": round(tps),
+                         "mfu_989": tps * flops / (sheet * 1e12) if sheet else None,
+                         "mfu_causal_989": tps * causal / (sheet * 1e12) if sheet else None,
+                         "mfu_790": tps * flops / (peak * 1e12) if peak else None,
                          "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1), "wall_s": round(wall, 1),
                          "first_loss": result["losses"][0] if result["losses"] else None,
                          "last_loss": result["losses"][-1] if result["losses"] else None})
@@ -263,17 +366,22 @@ def main() -> None:
         del model
         gc.collect()
         torch.cuda.empty_cache()
-        write_result(f"sft_throughput_{args.shape}{args.tag}", rows, {**setup, "loss_curves": curves}, args.out)
+        write_result(f"sft_throughput_{args.shape}{args.tag}", rows,
+                     {**setup, "loss_curves": curves, "profiles": profiles}, args.out)
 
     ok = [r for r in rows if "tokens_per_s" in r]
     base = next((r for r in ok if r["variant"] == "plain"), None)
     for row in ok:
         row["vs_plain"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2) if base else None
+        # against the tuned plain script at the same batch size
+        tuned = next((r for r in ok if r["variant"].startswith("plain-tuned") and r["batch"] == row["batch"]), None)
+        row["vs_tuned"] = round(row["tokens_per_s"] / tuned["tokens_per_s"], 2) if tuned else None
     # loss curves of variants that see the same batches (same data and batch; plain TRL shuffles alike)
     def same_batches(row: dict[str, Any]) -> tuple:
         overrides = VARIANTS[row["variant"]][0]
-        dropout = (overrides or D01)["lora"]["dropout"]
-        return row["data"], row["batch"], dropout, overrides is None
+        plain = overrides is None or "plain_tuned" in overrides
+        dropout = 0.0 if plain and overrides else (overrides or D01)["lora"]["dropout"]
+        return row["data"], row["batch"], dropout, plain
 
     for row in ok:
         ref = next(r for r in ok if same_batches(r) == same_batches(row))
@@ -283,8 +391,10 @@ def main() -> None:
         row["loss_vs"] = ref["variant"]
         row["loss_mean_abs_diff"] = round(sum(diffs) / k, 4) if k else None
         row["loss_max_abs_diff"] = round(max(diffs), 4) if k else None
-    print_table(f"sft throughput, {args.shape}", [{k: v for k, v in r.items() if k not in ("wall_s",)} for r in rows])
-    write_result(f"sft_throughput_{args.shape}{args.tag}", rows, {**setup, "loss_curves": curves}, args.out)
+    print_table(f"sft throughput, {args.shape}", [{k: v for k, v in r.items() if k not in ("wall_s", "attn")}
+                                                   for r in rows])
+    write_result(f"sft_throughput_{args.shape}{args.tag}", rows,
+                 {**setup, "loss_curves": curves, "profiles": profiles}, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,12 @@ knows nothing about the task. Its rules, the same for every caller:
   model's raw logits (before temperature or top-p), of the tokens it generated, stop token
   included;
 - no gradients: the loop runs under ``torch.inference_mode``; one tqdm progress bar (stderr)
-  counts prompts.
+  counts prompts;
+- ``static_cache``: a preallocated KV cache (transformers' ``cache_implementation="static"``),
+  whose decode step transformers compiles on CUDA (CUDA graphs). Every batch then has one
+  shape: prompts are left-padded to the longest prompt of the call and the last batch is
+  filled up with copies of its first prompt (their outputs are dropped), so the step is
+  compiled once. Same tokens as the dynamic cache up to float rounding.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ def generate(
     logprobs: bool = False,
     desc: str = "generate",
     progress: bool = True,
+    static_cache: bool = False,
 ) -> tuple[list[list[Generation]], float]:
     """``n`` generations per prompt, in prompt order, and the seconds spent in ``generate``."""
     import torch
@@ -89,6 +95,7 @@ def generate(
         num_return_sequences=n,
         return_dict_in_generate=True,
         output_logits=logprobs,
+        **({"cache_implementation": "static"} if static_cache else {}),
         **sampling,
     )
     if seed is not None:
@@ -100,7 +107,11 @@ def generate(
     with tqdm(total=len(order), desc=desc, unit="prompt", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
+            real = len(batch)
             width = max(len(prompt_ids[i]) for i in batch)
+            if static_cache:  # one shape for every batch: one compiled decode step
+                width = max(len(ids) for ids in prompt_ids)
+                batch = batch + [batch[0]] * (min(batch_size, len(order)) - real)
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)
             for row, i in enumerate(batch):
@@ -117,13 +128,13 @@ def generate(
                 new_ids = output.sequences[:, width:]
                 token_logps = _token_logps(output.logits, new_ids) if logprobs else None
             elapsed += time.perf_counter() - began
-            for row, i in enumerate(batch):
+            for row, i in enumerate(batch[:real]):
                 for j in range(n):
                     k = row * n + j
                     results[i].append(
                         _finish(tokenizer, new_ids[k].tolist(), stop_set, stop_texts, token_logps, k)
                     )
-            bar.update(len(batch))
+            bar.update(real)
     return results, elapsed
 
 

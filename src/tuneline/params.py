@@ -230,6 +230,9 @@ class SftParams(Section):
     strict_plan: bool = False
     max_records: PositiveInt | None = 336  # null: all (GPU scale)
     max_eval_records: PositiveInt | None = 16
+    # Speed-ups with the same result (tuneline.training.fused_lora, .lean_step).
+    fused_lora: bool = False
+    sync_free_metrics: bool = False
     lora: LoraParams = LoraParams()
     trainer: dict[str, Any] = Field(default_factory=lambda: dict(SFT_TRAINER))
 
@@ -287,6 +290,8 @@ class ProbeParams(Section):
     # Merge the adapter into the base weights before generating: the same function up to
     # float rounding, and no LoRA side matmuls per token. Never done for nf4 bases.
     merge_adapter: bool = True
+    # A preallocated KV cache with a compiled decode step on CUDA (tuneline.generation).
+    static_cache: bool = False
 
 
 class CompareParams(Section):

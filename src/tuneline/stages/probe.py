@@ -205,6 +205,7 @@ def run(params: Params, model: str) -> dict[str, Any]:
         top_p=pp.top_p,
         seed=params.seed if pp.do_sample else None,
         desc=f"probe {model}",
+        static_cache=pp.static_cache,
     )
 
     samples = [

@@ -83,6 +83,14 @@ def build_trainer(params: Params, loaded: Loaded, train_rows: list, eval_rows: l
         processing_class=loaded.tokenizer,
         peft_config=lora_config(sp.lora),
     )
+    if sp.fused_lora:
+        from tuneline.training.fused_lora import fuse_lora
+
+        fuse_lora(trainer.model)
+    if sp.sync_free_metrics:
+        from tuneline.training.lean_step import sync_free_metrics
+
+        sync_free_metrics(trainer)
     return trainer
 
 
