@@ -21,8 +21,11 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# With a DVC remote configured, first fetch what it already holds (data, models), so
+# `dvc repro` re-runs only what changed; without one, everything runs here.
 run: $(STAMP)
-	. $(BIN)/activate && HF_HUB_OFFLINE=1 dvc repro
+	. $(BIN)/activate && if [ -n "$$(dvc remote list)" ]; then dvc pull --allow-missing || true; fi \
+	  && HF_HUB_OFFLINE=1 dvc repro
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)

@@ -16,13 +16,13 @@ the environment (``node``): ``TUNELINE_MACHINE_RANK``, ``TUNELINE_MAIN_PROCESS_I
 ``compute.num_machines``). They never enter params, so every node's stage has the same
 params hash. accelerate gets ``--num_processes N*M --num_machines M --machine_rank R
 --main_process_ip IP --main_process_port P``; global rank 0 (on the head) writes outputs.
-A multi-machine run always launches, on CPU too (gloo); a single-machine CPU run
-launches only with ``TUNELINE_LAUNCH_CPU=1`` (tests, CPU boxes).
+A multi-machine training stage always launches, on CPU too (gloo); a single-machine CPU
+run launches only with ``TUNELINE_LAUNCH_CPU=1`` (tests, CPU boxes).
 
 The generation stages (``generate`` for its teacher, ``pairs`` for on-policy samples,
-``probe``) run under the same launcher with ``compute.num_processes > 1``: each process
-generates a share of the prompts and rank 0 writes them in prompt order
-(``tuneline.parallel``).
+``probe``) run under the same launcher with ``compute.num_processes > 1``, on this machine
+only (``compute.num_machines`` spans the training stages): each process generates a share
+of the prompts and rank 0 writes them in prompt order (``tuneline.parallel``).
 
 The launcher reports a failed worker as exit 1; a worker that fails with a tuneline error
 records its exit code (2 for bad input) in ``TUNELINE_EXIT_DIR`` so the parent can exit
@@ -164,14 +164,14 @@ def node(params: Params, environ: dict[str, str] | None = None) -> Node:
 def wants_launch(stage: str, params: Params) -> bool:
     """Whether this invocation should start the workers rather than run the stage itself.
 
-    A multi-machine run always launches (the other nodes wait for this one). On one
-    machine, CPU runs stay single-process whatever ``compute.num_processes`` says,
-    unless ``TUNELINE_LAUNCH_CPU=1``.
+    A multi-machine training stage always launches (the other nodes wait for this one);
+    generation stages run on this machine alone. On one machine, CPU runs stay
+    single-process whatever ``compute.num_processes`` says, unless ``TUNELINE_LAUNCH_CPU=1``.
     """
     compute = params.compute
     if stage not in DISTRIBUTED_STAGES + GENERATION_STAGES or is_worker():
         return False
-    if compute.num_machines > 1:
+    if compute.num_machines > 1 and stage in DISTRIBUTED_STAGES:
         return True
     if compute.num_processes <= 1:
         return False
@@ -228,7 +228,9 @@ def free_port() -> int:
 
 def relaunch(stage: str, params: Params, params_path: Path, args: Sequence[str] = ()) -> int:
     """Run ``stage`` under accelerate launch and return the exit code to leave with."""
-    command = launch_command(stage, params, params_path, node(params), args)
+    # Generation stages run on one machine: the head, or each node of its own run.
+    here = node(params) if stage in DISTRIBUTED_STAGES else free_port()
+    command = launch_command(stage, params, params_path, here, args)
     console.print(
         f"{stage}: compute.num_processes={params.compute.num_processes} "
         f"compute.num_machines={params.compute.num_machines} "

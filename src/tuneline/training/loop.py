@@ -18,7 +18,7 @@ from tuneline.errors import TunelineError
 from tuneline.modeling import Loaded
 from tuneline.params import Params
 from tuneline.provenance import write_run_provenance
-from tuneline.records import atomic_dir, commit_staged, read_json, write_json
+from tuneline.records import atomic_dir, commit_staged, write_json
 from tuneline.training.callbacks import (
     GuardCallback,
     MarkerCallback,
@@ -32,7 +32,7 @@ from tuneline.training.checkpoints import (
     resume_checkpoint,
     train_with_checkpoints,
 )
-from tuneline.training.distributed import match_adapter_dtype, trained_model, wait_for_everyone
+from tuneline.training.distributed import from_main, match_adapter_dtype, trained_model
 from tuneline.training.outputs import (
     epoch_losses,
     last_logged,
@@ -93,8 +93,7 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
     start.check(resume, trainer.state.global_step, stage)
     model, state = trained_model(trainer)
     if not main:
-        wait_for_everyone()
-        return read_json(metrics_path)
+        return from_main(None, ckpt_dir)  # the main process's metrics (other machines share no disk)
     change = check_weights_changed(model, initial, stage, state)
 
     history = trainer.state.log_history
@@ -127,8 +126,7 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
     write_json(metrics_path, metrics)
     commit_staged()  # the outputs are in place before the checkpoints go; the other ranks read the metrics
     finish_checkpoints(ckpt_dir, job.run_id, trainer.state.global_step)
-    wait_for_everyone()
-    return metrics
+    return from_main(metrics)
 
 
 def check_steps(steps: int, plan: Plan, stage: str) -> None:
