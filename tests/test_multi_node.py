@@ -188,12 +188,12 @@ def test_sft_as_two_nodes_matches_one_process(tmp_path: Path, tiny_model_dir: Pa
     assert two["steps"] == one["steps"] > 1
     assert outputs[0][0].count('"plan"') == 1 and outputs[1][0].count('"plan"') == 0  # printed by rank 0 only
 
-    # The same updates: the adapters agree to float32 reduction-order rounding.
+    # The same updates: the adapters agree to float32 reduction-order rounding (1e-6; lora_B ~ 2.5e-3).
     a, b = _adapter(single), _adapter(nodes[0])
     assert a.keys() == b.keys()
     assert any(float(w.abs().max()) > 0 for k, w in a.items() if "lora_B" in k)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst < 1e-5, worst
+    assert worst <= 1e-6, worst  # observed: 0.0 (gloo sums the same float32 values)
     # Only global rank 0 wrote: node 1's workspace is as it was.
     assert _files(nodes[1]) == before[1]
     assert {f for f in _files(nodes[0]) - before[0] if not f.startswith("reports/provenance")} >= {
