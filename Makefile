@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# With a DVC remote configured, first fetch what it already holds (data, models), so
+# With a DVC remote configured, first fetch the stage outputs it already holds, so
 # `dvc repro` re-runs only what changed; without one, everything runs here.
 run: $(STAMP)
 	. $(BIN)/activate && if [ -n "$$(dvc remote list)" ]; then dvc pull --allow-missing || true; fi \
