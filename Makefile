@@ -22,9 +22,11 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 setup: $(STAMP)
 
 # Offline unless the caller set HF_HUB_OFFLINE or params.yaml allows a hub download
-# (base.allow_download: true, for a hub id as base.source).
+# (base.allow_download: true, for a hub id as base.source). With a DVC remote configured,
+# first fetch the stage outputs it already holds, so `dvc repro` re-runs only what changed.
 run: $(STAMP)
-	. $(BIN)/activate && HF_HUB_OFFLINE="$${HF_HUB_OFFLINE:-$$(python -c 'import yaml; b = (yaml.safe_load(open("params.yaml")) or {}).get("base") or {}; print(0 if b.get("allow_download") else 1)')}" dvc repro
+	. $(BIN)/activate && if [ -n "$$(dvc remote list)" ]; then dvc pull --allow-missing || true; fi \
+	  && HF_HUB_OFFLINE="$${HF_HUB_OFFLINE:-$$(python -c 'import yaml; b = (yaml.safe_load(open("params.yaml")) or {}).get("base") or {}; print(0 if b.get("allow_download") else 1)')}" dvc repro
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)

@@ -67,7 +67,8 @@ def test_wants_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     two = _params(num_processes=2)
     assert not launch.wants_launch("sft", _params(num_processes=1))
-    assert not launch.wants_launch("probe", two)
+    assert launch.wants_launch("probe", two) == torch.cuda.is_available()  # probe splits its prompts
+    assert not launch.wants_launch("clean", two)
     assert not launch.wants_launch("sft", parse_params({"compute": {"num_processes": 2}, "model": {"device": "cpu"}}))
     assert launch.wants_launch("sft", two) == torch.cuda.is_available()
     monkeypatch.setenv("LOCAL_RANK", "0")

@@ -102,7 +102,7 @@ def run_stage(name: str, params_path: Path, **kwargs: Any) -> dict[str, Any] | N
     launch.pin_one_gpu(name, load_params(params_path))
     params = stage_params(params_path)
     if launch.wants_launch(name, params):
-        code = launch.relaunch(name, params, params_path)
+        code = launch.relaunch(name, params, params_path, [str(value) for value in kwargs.values()])
         if code != 0:
             raise typer.Exit(code)
         return None
@@ -162,6 +162,8 @@ def probe(
 ) -> None:
     """Probe one model on the held-out suite: metrics/probe/MODEL.json and reports/probe/MODEL.*.jsonl."""
     metrics = run_stage("probe", params, model=model)
+    if metrics is None:  # the workers ran it; rank 0 printed the result
+        return
     summary = {k: v for k, v in metrics.items() if k != "provenance"}
     out.print(json.dumps(summary, indent=2, sort_keys=True), highlight=False)
 

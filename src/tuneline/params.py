@@ -95,7 +95,16 @@ class BaseParams(Section):
 
 
 class ComputeParams(Section):
+    """How many processes run a stage (see ``tuneline.launch``).
+
+    ``num_processes`` is per machine (one per GPU); ``num_machines`` nodes run that many
+    each, so training's effective batch is per-device batch x accumulation x
+    ``num_processes`` x ``num_machines``. Which node this is and where the head listens
+    are runtime settings read from the environment, never params (``launch.node``).
+    """
+
     num_processes: PositiveInt = 1
+    num_machines: PositiveInt = 1
     distributed: Literal["ddp", "fsdp"] = "ddp"
 
 

@@ -6,7 +6,8 @@ using ``prompting.few_shot``. Generation is ``tuneline.generation.generate`` (lo
 left padding, seeded once with ``seed`` so a run is reproducible on the same hardware;
 greedy at temperature 0). A sample ends at a stop token (finish reason ``eos``), at the
 start of a new ``### Instruction`` block (the model starting another shot: ``stop``), or at
-``max_new_tokens`` (``length``); its text is stripped.
+``max_new_tokens`` (``length``); its text is stripped. Launched with several processes
+(``compute.num_processes``), each generates a share of the prompts (``tuneline.parallel``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tuneline import generation, tasks
+from tuneline import parallel, tasks
 from tuneline.contract import Contract, parse_lenient
 from tuneline.generation import Generation
 from tuneline.params import Params
@@ -59,7 +60,7 @@ def generate(
     progress: bool = True,
 ) -> list[list[Generation]]:
     """``n_samples`` samples for each prompt, in prompt order."""
-    outputs, _ = generation.generate(
+    outputs, _ = parallel.generate(  # split across processes when launched with several
         loaded,
         loaded.encode(list(prompts)),
         batch_size=batch_size,

@@ -38,7 +38,7 @@ from tuneline.training import (
     data_hashes,
     drop_shared_dataset,
     fingerprint,
-    is_main_process,
+    is_local_main_process,
     last_logged,
     read_sample,
     train_adapter,
@@ -94,6 +94,6 @@ def run(params: Params) -> dict[str, Any]:
         add_files=lambda tmp: shutil.copytree(sft_dir, tmp / "parent"),
     )
     metrics = train_adapter(params, job, trainer, loaded, plan_for(params, trainer))
-    if is_main_process():
+    if is_local_main_process():  # one copy per machine
         drop_shared_dataset(ckpt_dir / SHARED_DATASET)
     return metrics

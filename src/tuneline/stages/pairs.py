@@ -67,7 +67,7 @@ def imported(path: Path) -> list[dict[str, Any]]:
 
 def sample(loaded: Any, prompts: list[Any], params: Params) -> list[list[tuple[str, float]]]:
     """k samples per prompt with their mean token log-prob under the sampling model."""
-    from tuneline.generation import generate
+    from tuneline.parallel import generate  # split across processes when launched with several
 
     pp = params.pairs
     outputs, _ = generate(

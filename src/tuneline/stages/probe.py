@@ -24,6 +24,9 @@ line's ``expect`` checks: dotted path -> expected value). With
 values named in ``probe.stratify_by`` (unset: the task's, ``payload_type`` for travel): within each stratum lines are ordered by the
 sha256 of their id and strata are drawn round-robin, so the subset depends only on the
 suite and the params.
+
+With ``compute.num_processes`` > 1 (``tuneline.launch``) each process generates a share of
+the prompts and rank 0 judges and writes them all, in suite order (``tuneline.parallel``).
 """
 
 from __future__ import annotations
@@ -178,8 +181,8 @@ def decoding(params: Params) -> dict[str, Any]:
 def run(params: Params, model: str) -> dict[str, Any]:
     from tuneline import tasks
     from tuneline.contract import load_contract
-    from tuneline.generation import generate
     from tuneline.modeling import load_for_eval
+    from tuneline.parallel import generate  # split across processes when launched with several
     from tuneline.prompting import render
 
     pp = params.probe

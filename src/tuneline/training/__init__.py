@@ -37,6 +37,7 @@ from tuneline.training.checkpoints import (
 from tuneline.training.data import read_sample
 from tuneline.training.distributed import (
     drop_shared_dataset,
+    is_local_main_process,
     is_main_process,
     shared_dataset,
     trained_model,
@@ -57,7 +58,7 @@ from tuneline.training.plan import Plan, announce_plan, make_plan, plan_for_trai
 __all__ = [
     "FINISHED", "MARKER", "GuardCallback", "Job", "MarkerCallback", "Plan", "StartCallback", "ThroughputCallback",
     "announce_plan", "base_provenance", "check_weights_changed", "data_hashes", "drop_shared_dataset", "epoch_losses", "last_logged",
-    "fingerprint", "finish_checkpoints", "is_main_process", "liger_available",
+    "fingerprint", "finish_checkpoints", "is_local_main_process", "is_main_process", "liger_available",
     "lora_config", "make_plan", "manifest", "model_card",
     "pick_checkpoint", "plan_for_trainer", "read_sample", "resume_checkpoint", "shared_dataset", "train_adapter",
     "train_with_checkpoints", "trainable_snapshot", "trained_model", "trainer_args", "wait_for_everyone",

@@ -30,8 +30,8 @@ from typing import Any
 from tuneline.errors import TunelineError
 from tuneline.modeling import Loaded
 from tuneline.params import Params
-from tuneline.provenance import run_provenance_path, write_run_provenance
-from tuneline.records import atomic_dir, commit_staged, read_json, write_json
+from tuneline.provenance import write_run_provenance
+from tuneline.records import atomic_dir, commit_staged, write_json
 from tuneline.training.callbacks import (
     GuardCallback,
     LiveCallback,
@@ -48,7 +48,7 @@ from tuneline.training.checkpoints import (
     resume_checkpoint,
     train_with_checkpoints,
 )
-from tuneline.training.distributed import match_adapter_dtype, trained_model, wait_for_everyone
+from tuneline.training.distributed import from_main, match_adapter_dtype, trained_model
 from tuneline.training.outputs import (
     epoch_losses,
     last_logged,
@@ -117,8 +117,7 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
         start.check(resume, trainer.state.global_step, stage)
         model, state = trained_model(trainer)
         if not main:
-            wait_for_everyone()
-            return {**read_json(run_provenance_path(params.paths.reports, stage))["run"], **read_json(metrics_path)}
+            return from_main(None, ckpt_dir)  # the main process's results (other machines share no disk)
         change = check_weights_changed(model, initial, stage, state)
         return _finish(params, job, trainer, loaded, plan, result, runtime, change, state, model, warnings,
                        start, throughput, stack)
@@ -166,10 +165,9 @@ def _finish(
         params, stage, {"model": str(job.out_dir), "adapter_sha256": provenance["adapter_sha256"], "run": run}
     )
     write_json(metrics_path, metrics)
-    commit_staged()  # the outputs are in place before the checkpoints go; the other ranks read the metrics
+    commit_staged()  # the outputs are in place before the checkpoints go
     finish_checkpoints(ckpt_dir, job.run_id, trainer.state.global_step)
-    wait_for_everyone()
-    return recorded
+    return from_main(recorded)
 
 
 def check_steps(steps: int, plan: Plan, stage: str) -> None:
