@@ -88,3 +88,20 @@ def test_sampling_is_seeded_and_logprobs_match_a_forward_pass(loaded):
 def test_several_greedy_samples_are_refused(loaded):
     with pytest.raises(ValueError, match="needs do_sample"):
         generate(loaded, loaded.encode(PROMPTS[:1]), batch_size=1, max_new_tokens=2, n=2, progress=False)
+
+
+def test_static_cache_gives_the_dynamic_cache_tokens(loaded):
+    """``probe.static_cache``: a preallocated KV cache, one batch shape for the whole call,
+    the same greedy tokens as the dynamic cache in float32."""
+    ids = loaded.encode(PROMPTS)
+    # batch 2 over 5 prompts: the last batch is filled up, and every batch is padded to
+    # the longest prompt of the call
+    dynamic, _ = generate(loaded, ids, batch_size=2, max_new_tokens=10, progress=False)
+    static, _ = generate(loaded, ids, batch_size=2, max_new_tokens=10, progress=False, static_cache=True)
+    assert _texts(static) == _texts(dynamic)
+    assert len({group[0].text for group in static}) > 2
+
+
+def test_static_cache_param_defaults_off():
+    assert parse_params({}).probe.static_cache is False
+    assert parse_params({"probe": {"static_cache": True}}).probe.static_cache is True
