@@ -338,12 +338,17 @@ INSTALL_PATTERNS = (
 )
 _PATH_TOKEN = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_./-]*")
 _NOT_SCANNED = (".md", ".rst", ".txt.gz")
+# The pipeline's own files: what they name is kept by the DAG (deps, outs, params), so a
+# Makefile that reads params.yaml does not make every path in it an install need.
+_PIPELINE_FILES = ("params.yaml", "dvc.yaml", "dvc.lock")
 
 
 def install_needs(root: Path, files: Sequence[str]) -> dict[str, str]:
     """Files the install or CI needs -> why: the install/CI files themselves and every repo
     file or directory their text names; a named file is scanned in turn, except
-    documentation (README, LICENSE, ``*.md``) and files reached through a named directory."""
+    documentation (README, LICENSE, ``*.md``), the pipeline's own files (params.yaml,
+    dvc.yaml, dvc.lock: the DAG keeps what they name) and files reached through a named
+    directory."""
     spec = keep_spec(INSTALL_PATTERNS)
     known = set(files)
     dirs: dict[str, list[str]] = {}
@@ -356,7 +361,11 @@ def install_needs(root: Path, files: Sequence[str]) -> dict[str, str]:
     while todo:
         rel = todo.pop()
         name = Path(rel).name
-        if name.upper().startswith(("README", "LICENSE", "LICENCE", "COPYING", "NOTICE")) or name.endswith(_NOT_SCANNED):
+        if (
+            name.upper().startswith(("README", "LICENSE", "LICENCE", "COPYING", "NOTICE"))
+            or name.endswith(_NOT_SCANNED)
+            or name in _PIPELINE_FILES
+        ):
             continue
         path = root / rel
         try:
