@@ -178,7 +178,10 @@ def test_sft_and_dpo_in_two_cpu_processes(tmp_path: Path, tiny_model_dir: Path) 
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
         assert done.returncode == 0, done.stderr[-6000:]
         if workers:
-            metrics = json.loads((tmp_path / f"metrics/{stage}.json").read_text())
+            metrics = {
+                **json.loads((tmp_path / f"reports/provenance/{stage}.json").read_text())["run"],
+                **json.loads((tmp_path / f"metrics/{stage}.json").read_text()),
+            }
             assert metrics["plan"]["num_processes"] == 2 and metrics["max_weight_change"] > 0
             assert done.stderr.count(f"{stage} plan") == 1 and done.stdout.count('"plan"') == 1
             assert (tmp_path / f"models/{stage}/adapter_model.safetensors").is_file()

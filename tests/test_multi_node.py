@@ -182,8 +182,10 @@ def test_sft_as_two_nodes_matches_one_process(tmp_path: Path, tiny_model_dir: Pa
     for rank, (_, err) in enumerate(outputs):
         assert "--num_machines 2" in err and f"--machine_rank {rank}" in err and "--main_process_ip 127.0.0.1" in err
 
-    one = json.loads((single / "metrics/sft.json").read_text())
-    two = json.loads((nodes[0] / "metrics/sft.json").read_text())
+    one, two = (
+        {**json.loads((d / "reports/provenance/sft.json").read_text())["run"], **json.loads((d / "metrics/sft.json").read_text())}
+        for d in (single, nodes[0])
+    )
     assert two["plan"]["num_processes"] == 2 and two["plan"]["effective_batch"] == one["plan"]["effective_batch"] == 4
     assert two["steps"] == one["steps"] > 1
     assert outputs[0][0].count('"plan"') == 1 and outputs[1][0].count('"plan"') == 0  # printed by rank 0 only
