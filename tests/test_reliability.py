@@ -60,10 +60,14 @@ STAGE_OUTPUTS = {
         "data/clean/lengths.jsonl", "data/clean/preferences.jsonl", "metrics/clean.json",
     ],
     "pairs": ["data/pairs/train.jsonl", "metrics/pairs.json"],
-    "probe": ["reports/probe/base.samples.jsonl", "reports/probe/base.failures.jsonl", "metrics/probe/base.json"],
+    "probe": [
+        "reports/probe/base.samples.jsonl", "reports/probe/base.failures.jsonl", "metrics/probe/base.json",
+        "reports/provenance/probe/base.json",
+    ],
 }
-# Outputs that hold timings; every other output must be byte-identical across runs.
-TIMED = {"metrics/probe/base.json"}
+# Outputs that hold timings (the probe's run record); every other output must be
+# byte-identical across runs.
+TIMED = {"reports/provenance/probe/base.json"}
 
 
 def _env() -> dict[str, str]:
