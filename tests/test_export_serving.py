@@ -209,11 +209,13 @@ def test_card_reads_probe_results_and_run_provenance(tmp_path: Path, tiny_model_
     card = (out / "README.md").read_text(encoding="utf-8")
     assert f"No probe results: `{tmp_path / 'metrics/probe/sft.json'}` was not found" in card
     assert "No run provenance:" in card
-    write_json(tmp_path / "metrics/probe/sft.json", {"parse_rate": 0.75, "n": 4, "provenance": {"suite": "s.jsonl"}})
+    write_json(tmp_path / "metrics/probe/sft.json", {"parse_rate": 0.75, "n": 4})
+    write_json(tmp_path / "reports/provenance/probe/sft.json", {"suite": "s.jsonl", "decoding": {"do_sample": False}})
     write_json(tmp_path / "reports/provenance/sft.json", {"stage": "sft", "git": {"sha": "abc123", "dirty": False}})
     export(params, adapter_dir, out, force=True)
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "| parse_rate | 0.75 |" in card and "git `abc123`" in card and "- sft" in card
+    assert "(suite `s.jsonl`)" in card and '`{"do_sample": false}`' in card  # from the probe's run record
 
 
 def test_export_refuses_bad_out_format_and_architecture(tmp_path: Path, tiny_model_dir: Path, adapter_dir: Path) -> None:

@@ -172,12 +172,16 @@ def _probe_section(params: Params, name: str | None) -> list[str]:
     path = Path(params.paths.metrics) / "probe" / f"{name}.json"
     if not path.is_file():
         return [f"No probe results: `{path}` was not found (`tuneline probe {name}` writes it)."]
+    from tuneline.reporting import provenance_path
+
     metrics = read_json(path)
+    record_path = provenance_path(params.paths.reports, name)
+    # the probe's run record (suite, decoding); older layouts kept it inside the metrics
+    record = read_json(record_path) if record_path.is_file() else metrics.get("provenance", {})
     rows = [(k, v) for k, v in sorted(metrics.items()) if isinstance(v, int | float) and not isinstance(v, bool)]
-    lines = [f"From `{path}` (suite `{metrics.get('provenance', {}).get('suite', '?')}`):", "", "| metric | value |",
-             "|---|---|"]
+    lines = [f"From `{path}` (suite `{record.get('suite', '?')}`):", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
-    decoding = metrics.get("provenance", {}).get("decoding")
+    decoding = record.get("decoding")
     if decoding:
         lines += ["", f"Decoding: `{json.dumps(decoding, sort_keys=True)}`."]
     return lines
