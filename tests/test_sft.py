@@ -167,6 +167,10 @@ def test_resume_matches_uninterrupted(tmp_path: Path, tiny_model_dir: Path, monk
     # replayed from the trainer state it restored
     steps = [r.split("\t")[0] for r in (Path(resumed.paths.metrics) / "sft/plots/metrics/loss.tsv").read_text().splitlines()]
     assert steps == ["step", *map(str, range(1, 9))]
+    # the finished run leaves only its record: no checkpoint, no model card the trainer
+    # wrote at a save (its tag order follows the hash seed, so the directory would not
+    # be the same bytes on a re-run)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["finished.json"]
 
 
 def test_resume_metric_comes_from_the_trainer(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

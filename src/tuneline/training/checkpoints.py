@@ -168,7 +168,12 @@ def train_with_checkpoints(trainer: Any, resume: Path | None, directory: Path, s
 
 def finish_checkpoints(directory: Path, run_fingerprint: str, step: int) -> None:
     """After a successful run: drop the checkpoints (DVC will not re-run a finished stage)
-    and leave a small record of the run so the directory, a persistent DVC out, exists."""
+    and every other file the trainer left there (TRL's model card, whose tag order follows
+    the hash seed), and leave a small record of the run so the directory, a persistent DVC
+    out, exists and holds only what the run determines."""
     for _, checkpoint in checkpoints(directory):
         shutil.rmtree(checkpoint)
+    for leftover in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if leftover.is_file() and leftover.name != FINISHED:
+            leftover.unlink()
     write_json(directory / FINISHED, {"fingerprint": run_fingerprint, "steps": step})
