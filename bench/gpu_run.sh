@@ -43,7 +43,7 @@ if [ "$part" = 5 ]; then
 fi
 if [ "$part" = 6 ]; then
   run python3 bench/probe_throughput.py --random-shape qwen2.5-1.5b --tokenizer "$tok" --n 64 --batch 64 --max-new 64 \
-    --modes batched,static --tag _static --out "$out"
+    --modes batched,static --repeats 3 --tag _static --out "$out"
   run python3 bench/probe_throughput.py --random-shape qwen2.5-1.5b --tokenizer "$tok" --n 64 --batch 64 --max-new 64 \
-    --modes batched,static --dtype float32 --tag _static --out "$out"
+    --modes batched,static --repeats 3 --dtype float32 --tag _static --out "$out"
 fi

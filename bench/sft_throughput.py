@@ -43,6 +43,7 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str, int]] = {
     # a tuned plain TRL script: gradient checkpointing off, Liger on, LoRA dropout 0, batch 64
     "plain-tuned": ({"plain_tuned": True}, "sdpa", "records", 64),
     "plain-tuned-b128": ({"plain_tuned": True}, "sdpa", "records", 128),
+    "plain-tuned-b256": ({"plain_tuned": True}, "sdpa", "records", 256),
     "padded-d0-b64": (D0, "sdpa", "records", 64),
     "varlen-d0-b128-fast-compile": ({**VL64, **FAST, **COMPILE}, "sdpa_varlen", "records", 128),
     "varlen-d0-b64-fused": ({**VL64, "fused_lora": True}, "sdpa_varlen", "records", 64),
@@ -50,6 +51,7 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str, int]] = {
     "varlen-d0-b64-fast": ({**VL64, **FAST}, "sdpa_varlen", "records", 64),
     "varlen-d0-b64-fast-compile": ({**VL64, **FAST, **COMPILE}, "sdpa_varlen", "records", 64),
     "varlen-d0-b128-fast": ({**VL64, **FAST}, "sdpa_varlen", "records", 128),
+    "varlen-d0-b256-fast": ({**VL64, **FAST}, "sdpa_varlen", "records", 256),
     "long-varlen-d0-b16-fast-compile": ({**VL64, **FAST, **COMPILE}, "sdpa_varlen", "long", 16),
     "padded": (D01, "sdpa", "records", 32),
     "padded-d0": (D0, "sdpa", "records", 32),
