@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tuneline import modeling
-from tuneline.generation import generate
+from tuneline.generation import generate, sample_seed
 from tuneline.params import parse_params
 
 PROMPTS = [
@@ -60,11 +60,12 @@ def test_stop_token_and_stop_text(loaded):
 def test_sampling_is_seeded_and_logprobs_match_a_forward_pass(loaded):
     import torch
 
-    ids = loaded.encode(PROMPTS[:3])
-    kwargs = dict(batch_size=2, max_new_tokens=6, do_sample=True, temperature=1.0, top_p=1.0, n=2, progress=False)
+    ids = loaded.encode(PROMPTS)
+    # temperature and top-p change the draw, not the log-prob, which is under the raw logits
+    kwargs = dict(batch_size=2, max_new_tokens=4, do_sample=True, temperature=0.7, top_p=0.9, n=3, progress=False)
     a, _ = generate(loaded, ids, seed=7, logprobs=True, **kwargs)
     b, _ = generate(loaded, ids, seed=7, logprobs=True, **kwargs)
-    assert _texts(a) == _texts(b) and all(len(group) == 2 for group in a)
+    assert _texts(a) == _texts(b) and all(len(group) == 3 for group in a)
     # the mean log-prob is that of the generated tokens under a plain forward pass
     checked = 0
     for prompt_ids, group in zip(ids, a, strict=True):
@@ -83,6 +84,44 @@ def test_sampling_is_seeded_and_logprobs_match_a_forward_pass(loaded):
     assert checked >= 1
     plain, _ = generate(loaded, ids, seed=7, **kwargs)
     assert all(x.mean_logp is None for group in plain for x in group)
+
+
+def test_sample_seed_rule():
+    """The documented rule: sha256 of "seed:index:sample", first 8 bytes big-endian, 63 bits."""
+    import hashlib
+
+    digest = hashlib.sha256(b"7:12:3").hexdigest()
+    assert sample_seed(7, 12, 3) == int(digest[:16], 16) >> 1
+    assert 0 <= sample_seed(0, 0, 0) < 2**63
+    assert len({sample_seed(0, i, j) for i in range(20) for j in range(3)}) == 60
+
+
+def test_sampled_outputs_do_not_depend_on_batching_or_the_other_prompts(loaded):
+    """A prompt's samples come from (seed, its index, sample number) alone: the same text for
+    any batch size, static cache or not, and in a shuffled subset given the same indices."""
+    ids = loaded.encode(PROMPTS)
+    kwargs = dict(max_new_tokens=6, do_sample=True, temperature=1.0, top_p=1.0, n=2, seed=3, progress=False)
+    alone, _ = generate(loaded, ids, batch_size=1, **kwargs)
+    batched, _ = generate(loaded, ids, batch_size=4, **kwargs)
+    assert _texts(batched) == _texts(alone)
+    static, _ = generate(loaded, ids, batch_size=2, static_cache=True, **kwargs)
+    assert _texts(static) == _texts(alone)
+    order = [3, 0, 4]
+    subset, _ = generate(loaded, [ids[k] for k in order], batch_size=2, prompt_index=order, **kwargs)
+    assert _texts(subset) == [_texts(alone)[k] for k in order]
+    # really sampled: the two samples of a prompt differ, and another seed gives other text
+    assert sum(group[0].text != group[1].text for group in alone) >= 3
+    other, _ = generate(loaded, ids, batch_size=4, **{**kwargs, "seed": 4})
+    assert _texts(other) != _texts(alone)
+
+
+def test_sampling_needs_a_seed_and_one_index_per_prompt(loaded):
+    ids = loaded.encode(PROMPTS[:2])
+    kwargs = dict(batch_size=1, max_new_tokens=2, do_sample=True, progress=False)
+    with pytest.raises(ValueError, match="do_sample needs a seed"):
+        generate(loaded, ids, **kwargs)
+    with pytest.raises(ValueError, match="1 prompt_index values for 2 prompts"):
+        generate(loaded, ids, seed=0, prompt_index=[5], **kwargs)
 
 
 def test_several_greedy_samples_are_refused(loaded):

@@ -1,6 +1,7 @@
 """Data-parallel generation: `tuneline probe` / `tuneline generate` (teacher) with
 compute.num_processes 2 run under accelerate launch on CPU (gloo), each process generating
-a share of the prompts; rank 0 writes the same bytes as a single-process greedy run."""
+a share of the prompts; rank 0 writes the same bytes as a single-process run, greedy or
+sampled (each prompt's samples are seeded from its index in the full list)."""
 
 from __future__ import annotations
 
@@ -91,7 +92,9 @@ def test_probe_on_two_cpu_processes_writes_the_single_process_bytes(tmp_path: Pa
     assert {k: v for k, v in m1.items() if k not in timing} == {k: v for k, v in m2.items() if k not in timing}
 
 
-def _teacher_project(directory: Path, model_dir: Path, processes: int) -> Path:
+def _teacher_project(
+    directory: Path, model_dir: Path, processes: int, temperature: float = 0.0, n_samples: int = 1
+) -> Path:
     directory.mkdir(parents=True)
     params = {
         "paths": {
@@ -103,7 +106,7 @@ def _teacher_project(directory: Path, model_dir: Path, processes: int) -> Path:
         "generate": {"sources": {
             "template": {"enabled": False},
             "teacher": {
-                "enabled": True, "model": str(model_dir), "shots": 1, "n_samples": 1, "temperature": 0.0,
+                "enabled": True, "model": str(model_dir), "shots": 1, "n_samples": n_samples, "temperature": temperature,
                 "max_prompts": 5, "max_new_tokens": 8, "batch_size": 2,
             },
         }},
@@ -122,5 +125,24 @@ def test_teacher_on_two_cpu_processes_writes_the_single_process_bytes(tmp_path: 
     out = "data/generated/sft.jsonl"
     records = [json.loads(line) for line in (one / out).read_text().splitlines()]
     assert len(records) == 5 and len({r["completion"] for r in records}) > 2
+    assert (one / out).read_bytes() == (two / out).read_bytes()
+    assert _files(one) == _files(two)
+
+
+@pytest.mark.slow
+def test_sampled_teacher_on_two_cpu_processes_writes_the_single_process_bytes(
+    tmp_path: Path, noisy_model_dir: Path
+) -> None:
+    """Sampling (temperature 1, two samples a prompt): rank 1's prompts get the seeds they
+    get in a one-process run, so the bytes are the same."""
+    one = _teacher_project(tmp_path / "one", noisy_model_dir, 1, temperature=1.0, n_samples=2)
+    two = _teacher_project(tmp_path / "two", noisy_model_dir, 2, temperature=1.0, n_samples=2)
+    _run(one, ["generate"], launch_cpu=False)
+    done = _run(two, ["generate"], launch_cpu=True)
+    assert "accelerate.commands.launch" in done.stderr and "rank 1/2" in done.stderr
+    out = "data/generated/sft.jsonl"
+    records = [json.loads(line) for line in (one / out).read_text().splitlines()]
+    assert len(records) == 10
+    assert len({r["completion"] for r in records}) > 5  # sampled: the two samples of a prompt differ
     assert (one / out).read_bytes() == (two / out).read_bytes()
     assert _files(one) == _files(two)

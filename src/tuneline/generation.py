@@ -7,8 +7,20 @@ knows nothing about the task. Its rules, the same for every caller:
   padding; results come back in prompt order;
 - padding: left, with an attention mask, pad id = the tokenizer's pad token or else the
   first stop id; in float32 a prompt generates the same tokens alone or padded in a batch;
-- randomness: greedy unless ``do_sample``; with a ``seed`` the torch generator is seeded
-  once before the first batch, so the same prompts, params and hardware give the same text;
+- randomness: greedy unless ``do_sample``. Sampling needs a ``seed`` (ValueError without
+  one) and draws sample ``j`` of prompt ``i`` from its own CPU ``torch.Generator``, seeded
+  with ``sample_seed(seed, i, j)``: the first 8 bytes of
+  ``sha256(f"{seed}:{i}:{j}".encode())`` read big-endian, shifted right by one bit (63
+  bits). ``i`` is the prompt's index in the caller's full prompt list (``prompt_index``,
+  default ``range(len(prompt_ids))``; ``tuneline.parallel`` passes each share's global
+  indices), so a prompt's samples do not depend on the batch size, on the other prompts of
+  the call or on the number of processes (float32; same hardware). Each step, row by row,
+  the raw logits go through transformers' ``TemperatureLogitsWarper``, ``TopKLogitsWarper``
+  (the model's ``generation_config.top_k``, else transformers' sampling default 50) and
+  ``TopPLogitsWarper``, in the order transformers' own sampling applies them; the row then
+  draws one uniform number from its generator and takes the token where it falls in the
+  cumulative softmax (float64). transformers runs greedy on the result (every other token
+  at -inf), so ``n`` samples of a prompt are ``n`` rows of the batch, ``j`` = 0..n-1;
 - stop rules: generation ends at any stop token (``stop_token_ids``: the tokenizer's EOS and
   the model's ``generation_config.eos_token_id``; finish reason ``eos``, the stop token is
   counted in ``n_tokens`` and not decoded), or at ``max_new_tokens`` (``length``). Each text
@@ -28,6 +40,7 @@ knows nothing about the task. Its rules, the same for every caller:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +72,57 @@ def stop_token_ids(loaded: Any) -> list[int]:
     return sorted(ids)
 
 
+def sample_seed(seed: int, prompt_index: int, sample: int) -> int:
+    """The 63-bit seed of sample ``sample`` of prompt ``prompt_index`` under ``seed``."""
+    digest = hashlib.sha256(f"{seed}:{prompt_index}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+TRANSFORMERS_DEFAULT_TOP_K = 50  # transformers samples with top-k 50 unless the model sets top_k
+
+
+def _sampling_processors(loaded: Any, temperature: float, top_p: float, generators: list[Any]) -> Any:
+    """transformers' own warpers, in its sampling order, then one seeded draw per row."""
+    from transformers import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    configured = getattr(loaded.model.generation_config, "top_k", None)
+    top_k = TRANSFORMERS_DEFAULT_TOP_K if configured is None else int(configured)
+    processors = LogitsProcessorList()
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k != 0:
+        processors.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    processors.append(_RowDraw(generators))
+    return processors
+
+
+class _RowDraw:
+    """A logits processor: row ``r`` draws one token from softmax(scores[r]) with
+    ``generators[r]`` and keeps only that token (0, every other -inf), so greedy takes it."""
+
+    def __init__(self, generators: list[Any]) -> None:
+        self.generators = generators
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if scores.shape[0] != len(self.generators):
+            raise RuntimeError(f"generate: {scores.shape[0]} rows for {len(self.generators)} sample generators")
+        uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        cumulative = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)
+        target = (uniform.to(scores.device) * cumulative[:, -1]).unsqueeze(-1)
+        chosen = torch.searchsorted(cumulative, target, right=True).clamp(max=scores.shape[-1] - 1)
+        kept = torch.full_like(scores, float("-inf"))
+        return kept.scatter_(1, chosen, 0.0)
+
+
 def generate(
     loaded: Any,
     prompt_ids: Sequence[Sequence[int]],
@@ -75,31 +139,36 @@ def generate(
     desc: str = "generate",
     progress: bool = True,
     static_cache: bool = False,
+    prompt_index: Sequence[int] | None = None,
 ) -> tuple[list[list[Generation]], float]:
-    """``n`` generations per prompt, in prompt order, and the seconds spent in ``generate``."""
+    """``n`` generations per prompt, in prompt order, and the seconds spent in ``generate``.
+
+    ``prompt_index[k]``: the index of ``prompt_ids[k]`` in the caller's full prompt list, which
+    seeds its samples (default: its position here).
+    """
     import torch
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
     if n > 1 and not do_sample:
         raise ValueError("generate: n > 1 needs do_sample (greedy decoding gives n equal texts)")
+    if do_sample and seed is None:
+        raise ValueError("generate: do_sample needs a seed (each sample's generator is seeded from it)")
+    indices = list(range(len(prompt_ids))) if prompt_index is None else [int(i) for i in prompt_index]
+    if len(indices) != len(prompt_ids):
+        raise ValueError(f"generate: {len(indices)} prompt_index values for {len(prompt_ids)} prompts")
     tokenizer = loaded.tokenizer
     stops = stop_token_ids(loaded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    config = GenerationConfig(
+    config = GenerationConfig(  # greedy: sampling is done by the seeded processors
         max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
+        do_sample=False,
         eos_token_id=stops,
         pad_token_id=pad_id,
-        num_return_sequences=n,
         return_dict_in_generate=True,
         output_logits=logprobs,
         **({"cache_implementation": "static"} if static_cache else {}),
-        **sampling,
     )
-    if seed is not None:
-        torch.manual_seed(seed)
     order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
     results: list[list[Generation]] = [[] for _ in prompt_ids]
     elapsed = 0.0
@@ -112,18 +181,26 @@ def generate(
             if static_cache:  # one shape for every batch: one compiled decode step
                 width = max(len(ids) for ids in prompt_ids)
                 batch = batch + [batch[0]] * (min(batch_size, len(order)) - real)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
+            rows = [(i, j) for i in batch for j in range(n)]  # sample j of prompt i
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, (i, _) in enumerate(rows):
                 ids = prompt_ids[i]
                 input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention[row, width - len(ids) :] = 1
+            processors = None
+            if do_sample:
+                generators = [
+                    torch.Generator().manual_seed(sample_seed(seed, indices[i], j)) for i, j in rows
+                ]
+                processors = _sampling_processors(loaded, temperature, top_p, generators)
             began = time.perf_counter()
             with torch.inference_mode():
                 output = loaded.model.generate(
                     input_ids=input_ids.to(loaded.device),
                     attention_mask=attention.to(loaded.device),
                     generation_config=config,
+                    logits_processor=processors,
                 )
                 new_ids = output.sequences[:, width:]
                 token_logps = _token_logps(output.logits, new_ids) if logprobs else None

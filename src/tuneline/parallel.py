@@ -11,9 +11,10 @@ on to write the stage's outputs; every other rank leaves the stage at once with 
 
 Greedy decoding gives the same text for a prompt alone or padded in any batch (float32;
 see ``tuneline.generation``), so a greedy run writes the same bytes whatever the number of
-processes. Sampling seeds the torch generator once per process with the same seed, so a
-sampled run is reproducible for a given number of processes and hardware, not across
-process counts (docs/SCALING.md).
+processes. Sampling does too: each rank passes its share's global prompt indices
+(``prompt_index``), and ``generation.generate`` seeds sample ``j`` of prompt ``i`` from
+``(seed, i, j)`` alone, so a prompt gets the same samples on any rank of any process count
+as in a one-process run (float32, same hardware; docs/SCALING.md).
 
 One process (no ``WORLD_SIZE`` > 1 in the environment) calls ``generation.generate``
 directly: nothing changes for a single-process run.
@@ -75,6 +76,8 @@ def generate(
 
     Rank 0 returns the results of every prompt in prompt order and the longest share's
     generation seconds; any other rank raises ``NotMainProcess`` once its share is gathered.
+    Each share keeps its prompts' indices in the full list (``prompt_index``), which seed
+    their samples.
     """
     size = world_size()
     if size <= 1:
@@ -82,9 +85,15 @@ def generate(
     dist = _group()
     rank = dist.get_rank()
     mine = share(len(prompt_ids), rank, size)
+    given = kwargs.pop("prompt_index", None)
+    indices = list(range(len(prompt_ids))) if given is None else list(given)
+    if len(indices) != len(prompt_ids):
+        raise ValueError(f"parallel.generate: {len(indices)} prompt_index values for {len(prompt_ids)} prompts")
     kwargs.setdefault("desc", "generate")
     kwargs["desc"] = f"{kwargs['desc']} [rank {rank}/{size}]"
-    outputs, seconds = generation.generate(loaded, [prompt_ids[i] for i in mine], **kwargs)
+    outputs, seconds = generation.generate(
+        loaded, [prompt_ids[i] for i in mine], prompt_index=[indices[i] for i in mine], **kwargs
+    )
     gathered = gather_in_order([(outputs, seconds)], rank, size, dist)
     if gathered is None:
         raise NotMainProcess()
