@@ -73,6 +73,7 @@ def probe_params(tmp_path, tiny_model_dir, adapter=None, dtype="auto", **probe_o
             "paths": {
                 "base_model": str(tiny_model_dir),
                 "schema_file": str(SCHEMA),
+                "seed_dir": str(REPO / "data" / "seed"),
                 "probe_suite": str(suite),
                 "metrics": str(tmp_path / "metrics"),
                 "reports": str(tmp_path / "reports"),
@@ -221,7 +222,10 @@ def test_probe_base_writes_samples_failures_and_metrics(tmp_path, tiny_model_dir
     on_disk = read_json(paths.metrics)
     # the metrics file holds n and the rates; everything else is in the run record
     rates = ("parse_rate", "schema_valid_rate", "payload_type_accuracy", "destination_accuracy", "truncated_rate")
-    assert on_disk == {k: metrics[k] for k in ("n", *rates)}
+    assert on_disk == {k: metrics[k] for k in ("n", *rates, "facts_accuracy", "facts_checked")}
+    # travel checks facts; the tiny model writes no valid envelope, so none is checked
+    assert all(s["facts"] is None for s in samples if not s["valid"])
+    assert (on_disk["facts_accuracy"], on_disk["facts_checked"]) == (None, sum(bool(s["facts"]) for s in samples))
     record = read_json(paths.provenance)
     assert record["stage"] == "probe@base" and record["git"] and record["versions"]["torch"]
     assert record["suite_sha256"] == metrics["suite_sha256"] and record["run"]["mean_new_tokens"] == metrics["mean_new_tokens"]

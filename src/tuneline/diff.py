@@ -7,7 +7,8 @@ fresh clone without a DVC remote can be compared; files are read through
 ``dvc.api.DVCFileSystem``, which also serves DVC-tracked files from the cache.
 
 For every model probed in both versions and every per-sample outcome it reports
-``rate(B) - rate(A)`` on the shared prompts (paired by prompt id) with Newcombe's score
+``rate(B) - rate(A)`` on the shared prompts (paired by prompt id; ``facts_accuracy`` on
+the prompts whose facts were checked in both, its n shown beside it) with Newcombe's score
 interval for paired proportions, an exact McNemar p-value and the discordant counts,
 exactly as ``compare`` does between models. The terminal table fits 80 columns.
 Versions whose probe suite or contract hashes differ are refused: their prompts or
@@ -166,6 +167,13 @@ def _p_cell(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _on(s: dict[str, Any], per_metric: dict[str, Any]) -> str:
+    """`` (n=38)`` for an outcome paired on fewer prompts than the others (facts accuracy:
+    the prompts checked in both versions)."""
+    n = max(other["n"] for other in per_metric.values())
+    return f" (n={s['n']})" if s["n"] != n else ""
+
+
 def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     out = []
     for model, per_metric in result["models"].items():
@@ -173,7 +181,7 @@ def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
             out.append(
                 (
                     model,
-                    label(metric),
+                    label(metric) + _on(s, per_metric),
                     f"{points(s['rate_a'])}%",
                     f"{points(s['rate_b'])}%",
                     signed_points(s["diff"]),
@@ -190,7 +198,7 @@ def short_rows(per_metric: dict[str, Any]) -> list[tuple[str, ...]]:
     """One model's rows of the terminal table (columns ``SHORT_COLUMNS``)."""
     return [
         (
-            short_label(metric),
+            short_label(metric) + _on(s, per_metric),
             points(s["rate_a"]),
             points(s["rate_b"]),
             signed_points(s["diff"]),

@@ -78,12 +78,32 @@ SAMPLE_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def binary_outcomes(sample: Mapping[str, Any]) -> dict[str, bool]:
-    """The per-sample 0/1 outcomes behind every rate in probe metrics and compare."""
-    outcomes = {"parse_rate": bool(sample["parsed"]), "schema_valid_rate": bool(sample["valid"])}
+# The facts outcome and its denominator in probe metrics (samples with a checkable fact).
+FACTS_METRIC = "facts_accuracy"
+FACTS_CHECKED = "facts_checked"
+
+
+def binary_outcomes(sample: Mapping[str, Any]) -> dict[str, bool | None]:
+    """The per-sample 0/1 outcomes behind every rate in probe metrics and compare.
+
+    ``facts_accuracy`` is there only for samples of a task with a knowledge base (they have
+    a ``facts`` field): True when every checkable fact stated is right, None (not scored:
+    left out of the rate's denominator) when the sample was not checked or stated none.
+    """
+    outcomes: dict[str, bool | None] = {
+        "parse_rate": bool(sample["parsed"]),
+        "schema_valid_rate": bool(sample["valid"]),
+    }
     for name, ok in sample["checks"].items():
         outcomes[f"{name}_accuracy"] = bool(ok)
     outcomes["truncated_rate"] = sample["finish_reason"] == "length"
+    if "facts" in sample:
+        facts = sample["facts"]
+        if facts is not None and not (isinstance(facts, dict) and isinstance(facts.get("checked"), int)
+                                      and isinstance(facts.get("wrong"), list)):
+            raise InputError(f"sample {sample.get('id')!r}: facts must be null or {{checked: int, wrong: list}}, "
+                             f"got {facts!r}")
+        outcomes[FACTS_METRIC] = None if not facts or not facts["checked"] else not facts["wrong"]
     return outcomes
 
 
@@ -98,7 +118,7 @@ class ProbeRun:
 
     name: str
     metrics: Mapping[str, Any]
-    outcomes: Mapping[Any, Mapping[str, bool]]
+    outcomes: Mapping[Any, Mapping[str, bool | None]]  # None: not scored (facts not checked)
     source: str
 
     @property
@@ -115,7 +135,7 @@ def probe_run_from_records(
     A samples file whose records name another model (one model's file copied over
     another's) is refused: its outcomes would be reported under the wrong name.
     """
-    outcomes: dict[Any, dict[str, bool]] = {}
+    outcomes: dict[Any, dict[str, bool | None]] = {}
     expected: list[str] | None = None
     for i, sample in enumerate(samples, start=1):
         if sample["model"] != name:
@@ -212,12 +232,17 @@ def aligned(a: ProbeRun, b: ProbeRun) -> list[Any]:
 # --- Statistics: rates and paired differences
 
 
-def rate_stats(run: ProbeRun, *, conf: float) -> dict[str, dict[str, float]]:
-    """Per outcome: rate, Wilson interval, successes k and trials n."""
-    result: dict[str, dict[str, float]] = {}
-    n = len(run.outcomes)
+def rate_stats(run: ProbeRun, *, conf: float) -> dict[str, dict[str, Any]]:
+    """Per outcome: rate, Wilson interval, successes k and trials n (the samples scored:
+    all of them, but for ``facts_accuracy`` those stating a checkable fact). With n = 0
+    the rate and interval are None."""
+    result: dict[str, dict[str, Any]] = {}
     for metric in run.metric_names:
-        k = sum(1 for row in run.outcomes.values() if row[metric])
+        scored = [row[metric] for row in run.outcomes.values() if row[metric] is not None]
+        n, k = len(scored), sum(1 for ok in scored if ok)
+        if n == 0:
+            result[metric] = {"rate": None, "ci_low": None, "ci_high": None, "k": 0, "n": 0}
+            continue
         rate, low, high = stats.wilson(k, n, conf)
         result[metric] = {"rate": _r(rate), "ci_low": _r(low), "ci_high": _r(high), "k": k, "n": n}
     return result
@@ -226,13 +251,18 @@ def rate_stats(run: ProbeRun, *, conf: float) -> dict[str, dict[str, float]]:
 def paired_stats(a: ProbeRun, b: ProbeRun, *, conf: float) -> dict[str, dict[str, float]]:
     """Per outcome: ``rate(a) - rate(b)`` on the shared prompts, with interval and p-value.
 
-    Paired by prompt id; the interval is Newcombe's (``stats.paired_difference``).
+    Paired by prompt id; the interval is Newcombe's (``stats.paired_difference``). An
+    outcome some samples do not score (``facts_accuracy``) is paired over the prompts
+    scored in both runs, and left out when there is none.
     """
     ids = aligned(a, b)
     result: dict[str, dict[str, float]] = {}
     for metric in a.metric_names:
-        x = [int(a.outcomes[i][metric]) for i in ids]
-        y = [int(b.outcomes[i][metric]) for i in ids]
+        both = [i for i in ids if a.outcomes[i][metric] is not None and b.outcomes[i][metric] is not None]
+        if not both:
+            continue
+        x = [int(bool(a.outcomes[i][metric])) for i in both]
+        y = [int(bool(b.outcomes[i][metric])) for i in both]
         diff, low, high = stats.paired_difference(x, y, conf=conf)
         only_a, only_b = stats.discordant(x, y)
         result[metric] = {
@@ -242,7 +272,7 @@ def paired_stats(a: ProbeRun, b: ProbeRun, *, conf: float) -> dict[str, dict[str
             "p_value": _r(stats.mcnemar_exact(only_a, only_b)),
             "only_model": only_a,
             "only_other": only_b,
-            "n": len(ids),
+            "n": len(both),
         }
     return result
 
@@ -303,18 +333,19 @@ def verdict(model: str, other: str, per_metric: Mapping[str, Mapping[str, float]
     pct = round(conf * 100)
     changes: list[str] = []
     unchanged: list[str] = []
+    n = max(s["n"] for s in per_metric.values())
     for metric, s in per_metric.items():
+        on = f"on n = {s['n']}, " if s["n"] != n else ""
         if significant(s, conf=conf):
             direction = "a higher" if s["diff"] > 0 else "a lower"
             better = (s["diff"] > 0) != (metric in LOWER_IS_BETTER)
             changes.append(
-                f"{direction} {label(metric)} ({signed_points(s['diff'])} points, {pct}% CI "
+                f"{direction} {label(metric)} ({on}{signed_points(s['diff'])} points, {pct}% CI "
                 f"{interval_points(s['ci_low'], s['ci_high'])}, {_p_text(s['p_value'])}: "
                 f"{'better' if better else 'worse'})"
             )
         else:
-            unchanged.append(label(metric))
-    n = next(iter(per_metric.values()))["n"]
+            unchanged.append(label(metric) + (f" (n = {s['n']})" if on else ""))
     head = f"**{model} vs {other}** (n = {n} paired prompts): "
     if changes:
         text = head + f"{model} has " + "; ".join(changes)
@@ -355,7 +386,7 @@ def power_note(
     quiet = {metric: s for metric, s in per_metric.items() if not significant(s, conf=conf)}
     if not quiet:
         return None
-    n = int(next(iter(quiet.values()))["n"])
+    n = int(max(s["n"] for s in quiet.values()))
     fewest = stats.mcnemar_min_discordant(alpha)
     if n < fewest:
         return (
@@ -365,8 +396,8 @@ def power_note(
         )
     planned: list[tuple[float, str, int]] = []
     for metric, s in quiet.items():
-        k = int(s["only_model"] + s["only_other"])
-        planned.append((stats.conservative_discordant_rate(k, n, min_effect, conf=conf), metric, k))
+        k = int(s["only_model"] + s["only_other"])  # of its own n (facts: the prompts checked in both)
+        planned.append((stats.conservative_discordant_rate(k, int(s["n"]), min_effect, conf=conf), metric, k))
     psi, metric, k = max(planned, key=lambda row: row[0])
     needed = stats.mcnemar_sample_size(min_effect, psi, alpha=alpha, power=power)
     if n >= needed:
@@ -416,7 +447,22 @@ def rate_rows(rates: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[di
         {"model": model, "outcome": label(metric), "rate": s["rate"], "ci_low": s["ci_low"], "ci_high": s["ci_high"]}
         for model, per_metric in rates.items()
         for metric, s in per_metric.items()
+        if s["rate"] is not None
     ]
+
+
+def rate_cell(s: Mapping[str, Any], n: int) -> str:
+    """``86.7% [75.8, 93.1]``; ``(n = 38)`` added when the outcome scored fewer samples
+    than the model's n (``facts_accuracy``); ``n/a (n = 0)`` when it scored none."""
+    if s["rate"] is None:
+        return "n/a (n = 0)"
+    cell = f"{points(s['rate'])}% [{points(s['ci_low'])}, {points(s['ci_high'])}]"
+    return cell + (f" (n = {int(s['n'])})" if s["n"] != n else "")
+
+
+def run_n(per_metric: Mapping[str, Mapping[str, Any]]) -> int:
+    """A model's n: the samples its outcomes are scored on (the largest outcome n)."""
+    return int(max(s["n"] for s in per_metric.values()))
 
 
 # --- Report: markdown and plot
@@ -463,11 +509,15 @@ def render_markdown(
     lines.append("|---|---:|" + "---:|" * len(metrics))
     for model in models:
         row = rates[model]
-        cells = [
-            f"{points(row[m]['rate'])}% [{points(row[m]['ci_low'])}, {points(row[m]['ci_high'])}]"
-            for m in metrics
+        cells = [rate_cell(row[m], run_n(row)) for m in metrics]
+        lines.append(f"| {model} | {run_n(row)} | " + " | ".join(cells) + " |")
+    if FACTS_METRIC in metrics:
+        lines += [
+            "",
+            f"{label(FACTS_METRIC)}: the share of schema-valid outputs whose stated currency, language and country "
+            "(those the knowledge base holds) are all right, over the outputs stating at least one (its n); "
+            "paired differences use the prompts checked for both models.",
         ]
-        lines.append(f"| {model} | {int(row[metrics[0]]['n'])} | " + " | ".join(cells) + " |")
     table = cause_table({model: (causes or {}).get(model, {}) for model in models}) if causes else {}
     if causes:
         lines += ["", "## Failure causes (count of prompts)", ""]
@@ -520,10 +570,12 @@ def plot_rates(
     width = 0.8 / max(len(models), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(metrics)), 4.0))
     for j, model in enumerate(models):
-        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(metrics))]
-        ys = [rates[model][m]["rate"] for m in metrics]
-        lows = [rates[model][m]["rate"] - rates[model][m]["ci_low"] for m in metrics]
-        highs = [rates[model][m]["ci_high"] - rates[model][m]["rate"] for m in metrics]
+        shown = [i for i, m in enumerate(metrics) if rates[model][m]["rate"] is not None]
+        xs = [i - 0.4 + width * (j + 0.5) for i in shown]
+        rows = [rates[model][metrics[i]] for i in shown]
+        ys = [s["rate"] for s in rows]
+        lows = [s["rate"] - s["ci_low"] for s in rows]
+        highs = [s["ci_high"] - s["rate"] for s in rows]
         ax.errorbar(xs, ys, yerr=[lows, highs], fmt="o", capsize=4, label=model)
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels([label(m) for m in metrics], rotation=20, ha="right")
@@ -566,6 +618,8 @@ def svg_rates(rates: Mapping[str, Mapping[str, Mapping[str, float]]], *, conf: f
         x0 = left + group * i + 20
         for j, model in enumerate(models):
             s = rates[model][metric]
+            if s["rate"] is None:
+                continue
             x = x0 + 34 * j
             y = top + height * (1 - s["rate"])
             lo, hi = top + height * (1 - s["ci_low"]), top + height * (1 - s["ci_high"])
@@ -687,9 +741,7 @@ def render_html(
         _table(
             ["model", "n", *(label(m) for m in metrics)],
             [
-                [model, int(rates[model][metrics[0]]["n"])]
-                + [f"{points(rates[model][m]['rate'])}% [{points(rates[model][m]['ci_low'])}, "
-                   f"{points(rates[model][m]['ci_high'])}]" for m in metrics]
+                [model, run_n(rates[model])] + [rate_cell(rates[model][m], run_n(rates[model])) for m in metrics]
                 for model in models
             ],
         ),

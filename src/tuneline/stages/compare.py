@@ -16,10 +16,12 @@ Params: ``probe.models``, ``compare.baseline``, ``compare.pairs``, ``compare.con
         ``compare.min_effect``, ``compare.power``.
 
 Every per-sample binary outcome the probe records (parse, schema validity, each task
-check, truncation) gets, per model, a rate with a Wilson interval; and, for every model
+check, truncation, and with a task's knowledge base ``facts_accuracy`` over the samples
+whose facts were checked) gets, per model, a rate with a Wilson interval; and, for every model
 against ``compare.baseline`` and for every pair in ``compare.pairs``, a paired
 difference with Newcombe's score interval for paired proportions, an exact McNemar
-p-value and the discordant counts (paired by prompt id; sample order does not matter). ``<model>_vs_<other>`` always means ``model - other``; a pair
+p-value and the discordant counts (paired by prompt id; sample order does not matter;
+``facts_accuracy`` over the prompts checked for both models, left out when there is none). ``<model>_vs_<other>`` always means ``model - other``; a pair
 ``[a, b]`` is reported as ``a_vs_b``.
 
 The models must have been probed on the same prompts with the same suite and contract

@@ -19,7 +19,12 @@ greedy unless ``probe.do_sample``, stopping at EOS or after ``probe.max_new_toke
 (``finish_reason`` ``eos`` or ``length``).
 
 Each output is judged by ``Contract.judge`` (lenient parse, the schema unchanged, the suite
-line's ``expect`` checks: dotted path -> expected value). With
+line's ``expect`` checks: dotted path -> expected value) and, when the task has a knowledge
+base (``Task.facts``; travel: ``destinations.jsonl``), a schema-valid output's stated facts
+are checked against it: ``facts_accuracy`` is the share of the samples stating at least one
+checkable fact whose every such fact is right, over ``facts_checked`` samples (those stating
+none are left out of the rate, not counted as right); wrong facts are grouped by kind in the
+failures file. With
 ``probe.limit`` the suite is cut to a deterministic subset stratified by the ``expect``
 values named in ``probe.stratify_by`` (unset: the task's, ``payload_type`` for travel): within each stratum lines are ordered by the
 sha256 of their id and strata are drawn round-robin, so the subset depends only on the
@@ -33,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +47,11 @@ from tuneline.errors import InputError
 from tuneline.params import Params
 from tuneline.provenance import sha256_file, write_provenance
 from tuneline.records import write_json, write_jsonl
-from tuneline.reporting import binary_outcomes, output_paths
+from tuneline.reporting import FACTS_CHECKED, FACTS_METRIC, binary_outcomes, output_paths
 
 EXAMPLES_PER_CAUSE = 3
+# A task's facts check (``Task.facts(params)``): (parsed value, expect) -> facts or None.
+FactCheck = Callable[[Any, Mapping[str, Any]], dict[str, Any] | None]
 
 
 def adapter_dir(params: Params, model: str) -> str | None:
@@ -88,10 +95,15 @@ def select_subset(
     return [line for _, line in sorted(chosen, key=lambda item: item[0])]
 
 
-def judge(output: str, finish_reason: str, expect: Mapping[str, Any], contract: Any) -> dict[str, Any]:
-    """The judged fields of a sample: ``Contract.judge``'s verdict on one output."""
+def judge(
+    output: str, finish_reason: str, expect: Mapping[str, Any], contract: Any, facts: FactCheck | None = None
+) -> dict[str, Any]:
+    """The judged fields of a sample: ``Contract.judge``'s verdict on one output, and with
+    a task's ``facts`` check the facts a parsed, schema-valid output states (``facts``:
+    ``{checked, wrong}``, or None when not checked: not valid, or a destination the
+    knowledge base does not know). Without a facts check there is no ``facts`` field."""
     v = contract.judge(output, expect, finish_reason)
-    return {
+    judged = {
         "parsed": v.parsed,
         "parse_error": v.parse_error,
         "valid": v.valid,
@@ -100,10 +112,15 @@ def judge(output: str, finish_reason: str, expect: Mapping[str, Any], contract: 
         "fields_present": v.fields_present,
         "cause": v.cause,
     }
+    if facts is not None:
+        judged["facts"] = facts(v.value, expect) if v.valid else None
+    return judged
 
 
 def group_failures(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One record per failure cause, most frequent first, with ids and a few examples."""
+    """One record per failure cause, most frequent first, with ids and a few examples;
+    then one per kind of wrong fact (``wrong_currency``, ...: the samples stating at least
+    one wrong fact of that kind, whatever their contract cause), most frequent first."""
     by_cause: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for sample in samples:
         if sample["cause"] != "ok":
@@ -128,6 +145,38 @@ def group_failures(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
                 ],
             }
         )
+    return groups + group_wrong_facts(samples)
+
+
+def group_wrong_facts(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One record per kind of wrong fact: the samples, the most frequent (stated,
+    expected) pairs and a few examples with the wrong facts and the output."""
+    by_kind: dict[str, list[tuple[Mapping[str, Any], list[Mapping[str, Any]]]]] = defaultdict(list)
+    for sample in samples:
+        wrong = (sample.get("facts") or {}).get("wrong") or []
+        for kind in dict.fromkeys(w["kind"] for w in wrong):
+            by_kind[kind].append((sample, [w for w in wrong if w["kind"] == kind]))
+    groups = []
+    for kind, members in sorted(by_kind.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        # samples stating each (stated, expected) pair, however often each states it
+        pairs = Counter(pair for _, wrong in members for pair in {(w["stated"], w["expected"]) for w in wrong})
+        groups.append(
+            {
+                "id": f"wrong_{kind}",
+                "cause": f"wrong_{kind}",
+                "kind": kind,
+                "count": len(members),
+                "ids": [s["id"] for s, _ in members],
+                "top": [
+                    {"stated": stated, "expected": expected, "count": n}
+                    for (stated, expected), n in sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+                ],
+                "examples": [
+                    {"id": s["id"], "wrong": wrong[:5], "output": s["output"][:400]}
+                    for s, wrong in members[:EXAMPLES_PER_CAUSE]
+                ],
+            }
+        )
     return groups
 
 
@@ -136,7 +185,10 @@ def summarize(samples: Sequence[Mapping[str, Any]], root_fields: Sequence[str], 
     rows = [binary_outcomes(s) for s in samples]
     metrics: dict[str, Any] = {"n": n}
     for name in rows[0]:
-        metrics[name] = round(sum(r[name] for r in rows) / n, 6)
+        scored = [r[name] for r in rows if r[name] is not None]
+        metrics[name] = round(sum(scored) / len(scored), 6) if scored else None
+        if name == FACTS_METRIC:  # its denominator: samples stating at least one checkable fact
+            metrics[FACTS_CHECKED] = len(scored)
     metrics["field_presence"] = {
         field: round(sum(field in s["fields_present"] for s in samples) / n, 6) for field in root_fields
     }
@@ -149,8 +201,10 @@ def summarize(samples: Sequence[Mapping[str, Any]], root_fields: Sequence[str], 
     return metrics
 
 
-def make_sample(model: str, line: Mapping[str, Any], prompt: Any, gen: Any, contract: Any) -> dict[str, Any]:
-    """One probe sample: the suite line, the output and its verdict."""
+def make_sample(
+    model: str, line: Mapping[str, Any], prompt: Any, gen: Any, contract: Any, facts: FactCheck | None = None
+) -> dict[str, Any]:
+    """One probe sample: the suite line, the output and its verdict (``judge``)."""
     sample = {
         "id": line["id"],
         "model": model,
@@ -159,7 +213,7 @@ def make_sample(model: str, line: Mapping[str, Any], prompt: Any, gen: Any, cont
         "output": gen.text,
         "finish_reason": gen.finish_reason,
         "n_tokens": gen.n_tokens,
-        **judge(gen.text, gen.finish_reason, line["expect"], contract),
+        **judge(gen.text, gen.finish_reason, line["expect"], contract, facts),
     }
     if "meta" in line:
         sample["meta"] = line["meta"]
@@ -191,6 +245,8 @@ def run(params: Params, model: str) -> dict[str, Any]:
     strata = tasks.get(params.task).stratify_by if pp.stratify_by is None else pp.stratify_by
     suite = select_subset(load_suite(suite_path), pp.limit, strata, suite_path)
     contract = load_contract(params.paths.schema_file)
+    task = tasks.get(params.task)
+    facts = task.facts(params) if task.facts else None  # its knowledge base read before generating
     paths = output_paths(params, model)
 
     # One base per process; an adapter trained on top of a parent (dpo on sft) gets its
@@ -212,12 +268,12 @@ def run(params: Params, model: str) -> dict[str, Any]:
     )
 
     samples = [
-        make_sample(model, line, prompt, gen, contract)
+        make_sample(model, line, prompt, gen, contract, facts)
         for line, prompt, gen in zip(suite, prompts, [gen for (gen,) in outputs], strict=True)
     ]
 
     summary = summarize(samples, contract.schema.get("required", []), seconds)
-    metrics = {k: v for k, v in summary.items() if k == "n" or k in binary_outcomes(samples[0])}
+    metrics = {k: v for k, v in summary.items() if k in ("n", FACTS_CHECKED) or k in binary_outcomes(samples[0])}
     provenance = {
         "stage": f"probe@{model}",
         "model": model,

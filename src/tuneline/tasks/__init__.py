@@ -9,9 +9,13 @@ A task plugs into four places and nowhere else:
   ``clean_filters(probe, params)``, applied after the probe-leak filter;
 - ``pairs``: ``negatives``, extra negative strategies by name;
 - ``probe``: ``stratify_by``, the ``expect`` keys a limited suite is stratified by when
-  ``probe.stratify_by`` is not set.
+  ``probe.stratify_by`` is not set; ``facts(params)``, a check of the facts a parsed,
+  schema-valid output states against the task's knowledge base: ``(value, expect) ->
+  {"checked": n, "wrong": [{kind, stated, expected, path}]}``, or None when the knowledge
+  base cannot check that prompt (None: the task has no knowledge base, and its probe
+  samples and metrics have no facts at all).
 
-``generic`` adds nothing: any schema and suite, import-only data.
+``generic`` adds nothing: any schema and suite, import-only data, no facts check.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class Task:
     example_meta: Callable[[Any, str], dict[str, Any]] | None = None
     gold_fields: Mapping[str, type] = field(default_factory=dict)
     shots: Callable[..., list[dict[str, Any]]] | None = None
+    facts: Callable[[Any], Callable[[Any, Mapping[str, Any]], dict[str, Any] | None]] | None = None
 
 
 GENERIC = Task(name="generic")
