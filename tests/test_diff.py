@@ -162,3 +162,21 @@ def test_diff_table_fits_80_columns_and_never_prints_negative_zero(repo):
 def stats_interval(result):
     s = result["models"]["sft"]["schema_valid_rate"]
     return f"{s['ci_low'] * 100:+.1f}, {s['ci_high'] * 100:+.1f}"
+
+
+def test_diff_pairs_the_outcomes_both_versions_score(repo):
+    """A version whose probe scores a new outcome still diffs against an older one: the
+    shared outcomes are paired, the new one is named as scored in one version only."""
+    samples = [json.loads(line) for line in (repo / "reports/probe/sft.samples.jsonl").read_text().splitlines()]
+    for sample in samples:
+        sample["checks"]["season"] = True
+    write_jsonl(repo / "reports" / "probe" / "sft.samples.jsonl", samples)
+    write_probe(repo, "base", set(range(10)))
+    commit(repo, "v3")
+    result = diff(repo, "v1", "HEAD", PARAMS)
+    assert set(result["models"]["sft"]) == {
+        "parse_rate", "schema_valid_rate", "destination_accuracy", "truncated_rate",
+    }
+    assert result["models"]["sft"]["schema_valid_rate"]["diff"] == pytest.approx(0.25)
+    assert (result["outcomes_only_in_a"], result["outcomes_only_in_b"]) == ([], ["season_accuracy"])
+    assert "scored in one version only (not compared): A [], B ['season_accuracy']" in to_markdown(result)

@@ -117,7 +117,7 @@ def diff_versions(a: Version, b: Version, *, conf: float) -> dict[str, Any]:
     for name in common:
         rates_a = rate_stats(a.runs[name], conf=conf)
         rates_b = rate_stats(b.runs[name], conf=conf)
-        diffs = paired_stats(b.runs[name], a.runs[name], conf=conf)
+        diffs = paired_stats(b.runs[name], a.runs[name], conf=conf, shared_outcomes=True)
         models[name] = {
             metric: {
                 "rate_a": rates_a[metric]["rate"],
@@ -141,7 +141,13 @@ def diff_versions(a: Version, b: Version, *, conf: float) -> dict[str, Any]:
         "models": models,
         "only_in_a": sorted(set(a.runs) - set(b.runs)),
         "only_in_b": sorted(set(b.runs) - set(a.runs)),
+        "outcomes_only_in_a": sorted(_outcomes(a, common) - _outcomes(b, common)),
+        "outcomes_only_in_b": sorted(_outcomes(b, common) - _outcomes(a, common)),
     }
+
+
+def _outcomes(version: Version, models: list[str]) -> set[str]:
+    return {m for name in models for m in version.runs[name].metric_names}
 
 
 def diff(repo: str | Path, rev_a: str, rev_b: str, params: Params) -> dict[str, Any]:
@@ -215,6 +221,11 @@ def _caption(result: dict[str, Any]) -> str:
     skipped = ""
     if result["only_in_a"] or result["only_in_b"]:
         skipped = f" Not in both: A only {result['only_in_a']}, B only {result['only_in_b']}."
+    if result.get("outcomes_only_in_a") or result.get("outcomes_only_in_b"):
+        skipped += (
+            f" Outcomes scored in one version only (not compared): A {result['outcomes_only_in_a']},"
+            f" B {result['outcomes_only_in_b']}."
+        )
     return (
         f"A = {result['a']['title']}, B = {result['b']['title']}; diff = B - A in points, paired "
         f"{pct}% Newcombe interval, exact McNemar p; A/B only: prompts where only A / only B has the "

@@ -210,8 +210,9 @@ def check_same_inputs(runs: Mapping[str, ProbeRun]) -> dict[str, str]:
     return shared
 
 
-def aligned(a: ProbeRun, b: ProbeRun) -> list[Any]:
-    """Prompt ids scored in both runs; InputError when the runs cover different prompts."""
+def aligned(a: ProbeRun, b: ProbeRun, *, same_outcomes: bool = True) -> list[Any]:
+    """Prompt ids scored in both runs; InputError when the runs cover different prompts (or,
+    with ``same_outcomes``, score different outcomes)."""
     ids_a, ids_b = set(a.outcomes), set(b.outcomes)
     if ids_a != ids_b:
         only_a = sorted(map(str, ids_a - ids_b))
@@ -221,7 +222,7 @@ def aligned(a: ProbeRun, b: ProbeRun) -> list[Any]:
             f"({len(only_a)} only in {a.source}, e.g. {only_a[:3]}; {len(only_b)} only in {b.source}, "
             f"e.g. {only_b[:3]}); check probe.limit and paths.probe_suite"
         )
-    if a.metric_names != b.metric_names:
+    if same_outcomes and a.metric_names != b.metric_names:
         raise InputError(
             f"{a.name} and {b.name} have different outcomes ({a.metric_names} vs {b.metric_names}); "
             "re-probe both with the same contract"
@@ -248,16 +249,20 @@ def rate_stats(run: ProbeRun, *, conf: float) -> dict[str, dict[str, Any]]:
     return result
 
 
-def paired_stats(a: ProbeRun, b: ProbeRun, *, conf: float) -> dict[str, dict[str, float]]:
+def paired_stats(
+    a: ProbeRun, b: ProbeRun, *, conf: float, shared_outcomes: bool = False
+) -> dict[str, dict[str, float]]:
     """Per outcome: ``rate(a) - rate(b)`` on the shared prompts, with interval and p-value.
 
     Paired by prompt id; the interval is Newcombe's (``stats.paired_difference``). An
     outcome some samples do not score (``facts_accuracy``) is paired over the prompts
-    scored in both runs, and left out when there is none.
+    scored in both runs, and left out when there is none. With ``shared_outcomes`` (two
+    versions of the code, one of which scores an outcome the other does not) only the
+    outcomes both runs score are paired; otherwise the runs must score the same ones.
     """
-    ids = aligned(a, b)
+    ids = aligned(a, b, same_outcomes=not shared_outcomes)
     result: dict[str, dict[str, float]] = {}
-    for metric in a.metric_names:
+    for metric in [m for m in a.metric_names if m in b.metric_names]:
         both = [i for i in ids if a.outcomes[i][metric] is not None and b.outcomes[i][metric] is not None]
         if not both:
             continue
