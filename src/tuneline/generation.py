@@ -23,13 +23,16 @@ knows nothing about the task. Its rules, the same for every caller:
   whose decode step transformers compiles on CUDA (CUDA graphs). Every batch then has one
   shape: prompts are left-padded to the longest prompt of the call and the last batch is
   filled up with copies of its first prompt (their outputs are dropped), so the step is
-  compiled once. Same tokens as the dynamic cache up to float rounding.
+  compiled once. Same tokens as the dynamic cache up to float rounding;
+- ``logits_processor``: called once per batch with its number of rows (prompts times
+  ``n``), it returns the transformers ``LogitsProcessorList`` for that batch (the probe's
+  schema guide, ``tuneline.guided``); it runs before temperature and top-p.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +78,7 @@ def generate(
     desc: str = "generate",
     progress: bool = True,
     static_cache: bool = False,
+    logits_processor: Callable[[int], Any] | None = None,
 ) -> tuple[list[list[Generation]], float]:
     """``n`` generations per prompt, in prompt order, and the seconds spent in ``generate``."""
     import torch
@@ -124,6 +128,7 @@ def generate(
                     input_ids=input_ids.to(loaded.device),
                     attention_mask=attention.to(loaded.device),
                     generation_config=config,
+                    logits_processor=logits_processor(len(batch) * n) if logits_processor else None,
                 )
                 new_ids = output.sequences[:, width:]
                 token_logps = _token_logps(output.logits, new_ids) if logprobs else None
