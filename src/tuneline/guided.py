@@ -182,9 +182,10 @@ class _MaskProcessor:
         from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
 
         if self.started:
+            last = input_ids[:, -1].tolist()  # one device sync per step
             for row, matcher in enumerate(self.matchers):
                 if not matcher.is_stopped():
-                    matcher.consume_token(int(input_ids[row, -1]))
+                    matcher.consume_token(last[row])
                     if matcher.is_error():
                         raise RuntimeError(f"{LIBRARY}: row {row}: {matcher.get_error()}")
         self.started = True
