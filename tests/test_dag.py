@@ -168,7 +168,7 @@ def test_every_stage_reads_only_the_params_dvc_yaml_declares(project: Path, monk
     dvc_yaml.write_text(dvc_yaml.read_text().replace("        - probe.merge_adapter\n", ""))
     found = undeclared(project, reads)
     assert {stage: found[stage] for stage in found if stage.startswith("probe")} == {
-        f"probe@{m}": ["probe.merge_adapter"] for m in ("base", "sft", "dpo")
+        f"probe@{m}": ["probe.merge_adapter"] for m in ("base", "sft", "dpo", "dpo+guided")
     }
 
 

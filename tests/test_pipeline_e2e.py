@@ -81,7 +81,7 @@ def test_dvc_repro_end_to_end(tiny_model_dir, tmp_path):
     first = _run(["dvc", "repro"], project)
     stages = ran_stages(first.stdout)
     assert {"base", "generate", "clean", "sft", "pairs", "dpo", "compare"} <= stages, first.stdout
-    assert {"probe@base", "probe@sft", "probe@dpo"} <= stages
+    assert {"probe@base", "probe@sft", "probe@dpo", "probe@dpo+guided"} <= stages
     for rel in ["metrics/clean.json", "metrics/sft.json", "metrics/dpo.json", "metrics/compare.json",
                 "reports/compare.md", "reports/probe/dpo.samples.jsonl"]:
         assert (project / rel).is_file(), rel
@@ -95,4 +95,4 @@ def test_dvc_repro_end_to_end(tiny_model_dir, tmp_path):
     params["probe"]["max_new_tokens"] = 6
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run(["dvc", "repro"], project)
-    assert ran_stages(third.stdout) == {"probe@base", "probe@sft", "probe@dpo", "compare"}, third.stdout
+    assert ran_stages(third.stdout) == {"probe@base", "probe@sft", "probe@dpo", "probe@dpo+guided", "compare"}, third.stdout

@@ -35,14 +35,17 @@ knows nothing about the task. Its rules, the same for every caller:
   whose decode step transformers compiles on CUDA (CUDA graphs). Every batch then has one
   shape: prompts are left-padded to the longest prompt of the call and the last batch is
   filled up with copies of its first prompt (their outputs are dropped), so the step is
-  compiled once. Same tokens as the dynamic cache up to float rounding.
+  compiled once. Same tokens as the dynamic cache up to float rounding;
+- ``logits_processor``: called once per batch with its number of rows (prompts times
+  ``n``), it returns the transformers ``LogitsProcessorList`` for that batch (the probe's
+  schema guide, ``tuneline.guided``); it runs before temperature and top-p.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +143,7 @@ def generate(
     progress: bool = True,
     static_cache: bool = False,
     prompt_index: Sequence[int] | None = None,
+    logits_processor: Callable[[int], Any] | None = None,
 ) -> tuple[list[list[Generation]], float]:
     """``n`` generations per prompt, in prompt order, and the seconds spent in ``generate``.
 
@@ -148,7 +152,7 @@ def generate(
     """
     import torch
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     if n > 1 and not do_sample:
         raise ValueError("generate: n > 1 needs do_sample (greedy decoding gives n equal texts)")
@@ -188,12 +192,12 @@ def generate(
                 ids = prompt_ids[i]
                 input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention[row, width - len(ids) :] = 1
-            processors = None
-            if do_sample:
+            processors = LogitsProcessorList(logits_processor(len(rows)) if logits_processor else [])
+            if do_sample:  # after the caller's processors (a guide masks before the draw)
                 generators = [
                     torch.Generator().manual_seed(sample_seed(seed, indices[i], j)) for i, j in rows
                 ]
-                processors = _sampling_processors(loaded, temperature, top_p, generators)
+                processors.extend(_sampling_processors(loaded, temperature, top_p, generators))
             began = time.perf_counter()
             with torch.inference_mode():
                 output = loaded.model.generate(

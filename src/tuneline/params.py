@@ -285,9 +285,12 @@ class DpoParams(Section):
 
 
 class ProbeParams(Section):
-    # name -> adapter dir; the base itself (or None) probes the bare base
+    # name -> adapter dir; the base itself (or None) probes the bare base. A name ending in
+    # "+guided" decodes that model under the contract's JSON Schema (tuneline.guided).
     models: dict[str, str | None] = Field(
-        default_factory=lambda: {"base": "models/base", "sft": "models/sft", "dpo": "models/dpo"}
+        default_factory=lambda: {
+            "base": "models/base", "sft": "models/sft", "dpo": "models/dpo", "dpo+guided": "models/dpo",
+        }
     )
     limit: PositiveInt | None = 60
     batch_size: PositiveInt = 30
@@ -301,6 +304,15 @@ class ProbeParams(Section):
     merge_adapter: bool = True
     # A preallocated KV cache with a compiled decode step on CUDA (tuneline.generation).
     static_cache: bool = False
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, str | None]) -> dict[str, str | None]:
+        for name in value:
+            head, plus, tail = name.partition("+")
+            if plus and (not head or tail != "guided"):
+                raise ValueError(f"{name!r}: a '+' in a model name is allowed only in the suffix '+guided' after a name")
+        return value
 
 
 class CompareParams(Section):

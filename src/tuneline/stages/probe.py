@@ -30,6 +30,11 @@ values named in ``probe.stratify_by`` (unset: the task's, ``payload_type`` for t
 sha256 of their id and strata are drawn round-robin, so the subset depends only on the
 suite and the params.
 
+A model named ``<name>+guided`` (``dpo+guided``) is ``<name>`` decoded under a token mask
+built from the contract's JSON Schema (``tuneline.guided``: llguidance); its run record
+names the guide (library, version, schema hash, setup seconds) and ``run.generation_s``
+includes the masking, so it compares with ``<name>``'s. The judge is the same.
+
 With ``compute.num_processes`` > 1 (``tuneline.launch``) each process generates a share of
 the prompts and rank 0 judges and writes them all, in suite order (``tuneline.parallel``).
 """
@@ -235,6 +240,8 @@ def decoding(params: Params) -> dict[str, Any]:
 def run(params: Params, model: str) -> dict[str, Any]:
     from tuneline import tasks
     from tuneline.contract import load_contract
+    from tuneline.guided import build as build_guide
+    from tuneline.guided import split_model
     from tuneline.modeling import load_for_eval
     from tuneline.parallel import generate  # split across processes when launched with several
     from tuneline.prompting import render
@@ -252,8 +259,10 @@ def run(params: Params, model: str) -> dict[str, Any]:
     # One base per process; an adapter trained on top of a parent (dpo on sft) gets its
     # parent merged first, exactly as in training; the top adapter is merged too unless
     # probe.merge_adapter is false.
-    loaded = load_for_eval(params, adapter, adapter_name=model, merge=pp.merge_adapter)
+    loaded = load_for_eval(params, adapter, adapter_name=split_model(model)[0], merge=pp.merge_adapter)
     prompts = [render(line["instruction"], loaded.format) for line in suite]
+    # ``<name>+guided``: the same model decoded under the contract's JSON Schema (tuneline.guided)
+    guide = build_guide(loaded, contract.schema, str(params.paths.schema_file)) if split_model(model)[1] else None
     outputs, seconds = generate(
         loaded,
         loaded.encode(prompts),
@@ -265,6 +274,7 @@ def run(params: Params, model: str) -> dict[str, Any]:
         seed=params.seed if pp.do_sample else None,
         desc=f"probe {model}",
         static_cache=pp.static_cache,
+        **({"logits_processor": guide.processors} if guide else {}),
     )
 
     samples = [
@@ -283,6 +293,7 @@ def run(params: Params, model: str) -> dict[str, Any]:
         "n_suite_selected": len(suite),
         "contract": str(params.paths.schema_file),
         "decoding": decoding(params),
+        **({"guide": guide.record} if guide else {}),
         "loaded": loaded.provenance,
         "run": {k: v for k, v in summary.items() if k not in metrics},
     }

@@ -1,0 +1,240 @@
+"""Schema-guided decoding (tuneline.guided): the guide schema, the masked decode and the
+``<name>+guided`` probe row."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from tuneline import guided, modeling
+from tuneline.contract import load_contract
+from tuneline.errors import InputError
+from tuneline.generation import generate
+from tuneline.params import ParamsError, parse_params
+from tuneline.records import read_json, read_jsonl
+from tuneline.stages import probe
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "data" / "seed" / "contract.schema.json"
+GOLD = REPO / "data" / "seed" / "gold.jsonl"
+PAYLOAD_TYPES = ["itinerary", "checklist", "budget", "phrasebook", "procedure"]
+PROMPTS = [
+    f"### Instruction\nMake a {kind} for a trip to {city}.\n\n### Response\n"
+    for kind, city in [("checklist", "Lisbon"), ("budget", "Tokyo"), ("itinerary", "Paris"), ("phrasebook", "Rome"), ("procedure", "Oslo")]
+]
+# Enough for the shortest documents the closing-biased model writes under the guide (the
+# longest takes about 120 tokens of the tiny tokenizer); llguidance does not bound length.
+BUDGET = 240
+
+
+@pytest.fixture(scope="module")
+def contract():
+    return load_contract(SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return modeling.load(tiny_model_dir, parse_params({"model": {"device": "cpu", "dtype": "float32"}}).model)
+
+
+@pytest.fixture(scope="module")
+def guide(loaded, contract):
+    return guided.build(loaded, contract.schema, str(SCHEMA))
+
+
+# -- the guide schema: the contract with allOf if/then as anyOf ------------------------------
+
+
+def _documents():
+    gold = [json.loads(line)["completion"] for line in GOLD.read_text(encoding="utf-8").splitlines() if line.strip()]
+    outputs = []
+    for path in sorted((REPO / "reports" / "probe").glob("*.samples.jsonl")):
+        for sample in read_jsonl(path):
+            try:
+                outputs.append(json.loads(sample["output"]))
+            except json.JSONDecodeError:
+                continue
+    mutated = []
+    for doc in gold:
+        for kind in PAYLOAD_TYPES:  # every payload under every payload_type: 1 in 5 valid
+            mutated.append({**doc, "payload_type": kind})
+        mutated += [
+            {k: v for k, v in doc.items() if k != "payload_type"},
+            {k: v for k, v in doc.items() if k != "payload"},
+            {**doc, "payload_type": "map"},
+            {**doc, "payload": {}},
+            {**doc, "payload": {**doc["payload"], "extra": 1}},
+            {**doc, "payload": {k: v for k, v in doc["payload"].items() if k != "destination"}},
+            {**doc, "payload": {**doc["payload"], "destination": " "}},
+            {**doc, "summary": ""},
+            {**doc, "extra": "x"},
+            [doc],
+            "text",
+        ]
+    return gold, outputs, mutated
+
+
+def test_guide_schema_accepts_and_rejects_what_the_contract_does(contract):
+    rewritten = guided.guide_schema(contract.schema)
+    assert "allOf" not in rewritten and len(rewritten["anyOf"]) == len(PAYLOAD_TYPES)
+    assert '"if":' not in json.dumps(rewritten)
+    original, guide = Draft202012Validator(contract.schema), Draft202012Validator(rewritten)
+    gold, outputs, mutated = _documents()
+    assert len(gold) >= 5 and len(outputs) >= 100
+    for group in (gold, outputs, mutated):
+        verdicts = [(original.is_valid(d), guide.is_valid(d)) for d in group]
+        assert all(a == b for a, b in verdicts), [d for d, (a, b) in zip(group, verdicts, strict=True) if a != b][:2]
+    assert all(original.is_valid(d) for d in gold)
+    assert sum(original.is_valid(d) for d in mutated) == len(gold)  # only the unchanged payload_type
+    assert any(original.is_valid(d) for d in outputs) and not all(original.is_valid(d) for d in outputs)
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda s: s["allOf"][0]["if"]["properties"]["payload_type"].update(enum=["x"]), "allowed"),
+        (lambda s: s["allOf"].pop(), "exactly these values"),
+        (lambda s: s["required"].remove("payload_type"), "requires 'payload_type'"),
+        (lambda s: s["allOf"][1].update(**{"else": {}}), "only {'if', 'then'}"),
+    ],
+)
+def test_guide_schema_refuses_what_it_cannot_rewrite(contract, break_it, message):
+    schema = copy.deepcopy(contract.schema)
+    break_it(schema)
+    with pytest.raises(InputError, match="contract") as err:
+        guided.guide_schema(schema, "contract")
+    assert message in str(err.value)
+
+
+def test_a_keyword_the_library_does_not_implement_is_refused(loaded, contract):
+    schema = copy.deepcopy(contract.schema)
+    schema["properties"]["summary"] = {"type": "string", "not": {"const": "x"}}
+    with pytest.raises(InputError, match="llguidance cannot guide"):
+        guided.build(loaded, schema, "contract")
+
+
+# -- the guided decode -----------------------------------------------------------------------
+
+
+class CloserBias:
+    """Stands in for a trained model's wish to end: raises the logits of tokens made only
+    of ``"``, ``]`` and ``}`` (most those with a quote). Alone it writes no JSON; under the guide it closes strings and
+    arrays as soon as the schema allows, so the document ends within a small budget."""
+
+    def __init__(self, tokenizer, vocab):
+        import torch
+
+        self.bias = torch.zeros(vocab)
+        for token_id in range(len(tokenizer)):
+            text = tokenizer.decode([token_id])
+            if text and set(text) <= set('"]}'):
+                self.bias[token_id] = 100.0 if '"' in text else 50.0  # end a string first
+
+    def __call__(self, input_ids, scores):
+        return scores + self.bias[: scores.shape[-1]]
+
+
+def _closing(loaded, guide=None):
+    from transformers import LogitsProcessorList
+
+    bias = CloserBias(loaded.tokenizer, loaded.model.config.vocab_size)
+
+    def processors(rows):
+        return LogitsProcessorList([bias, *(guide.processors(rows) if guide else [])])
+
+    return processors
+
+
+def test_guided_decoding_writes_contract_valid_json_and_free_decoding_does_not(loaded, guide, contract):
+    ids = loaded.encode(PROMPTS)
+    free, _ = generate(loaded, ids, batch_size=5, max_new_tokens=BUDGET, progress=False, logits_processor=_closing(loaded))
+    masked, _ = generate(
+        loaded, ids, batch_size=5, max_new_tokens=BUDGET, progress=False, logits_processor=_closing(loaded, guide)
+    )
+    verdicts = [contract.judge(g.text, {}, g.finish_reason) for (g,) in masked]
+    assert [g.finish_reason for (g,) in masked] == ["eos"] * len(PROMPTS), [g.text for (g,) in masked]
+    assert all(v.valid for v in verdicts), [(g.text, v.errors) for (g,), v in zip(masked, verdicts, strict=True)]
+    assert max(g.n_tokens for (g,) in masked) < BUDGET
+    free_valid = [contract.judge(g.text, {}, g.finish_reason).valid for (g,) in free]
+    assert sum(free_valid) <= 1, [g.text for (g,) in free]
+
+
+def test_one_matcher_per_row_batched_equals_one_at_a_time(loaded, guide):
+    ids = loaded.encode(PROMPTS)
+    batched, _ = generate(loaded, ids, batch_size=5, max_new_tokens=BUDGET, progress=False, logits_processor=_closing(loaded, guide))
+    alone, _ = generate(loaded, ids, batch_size=1, max_new_tokens=BUDGET, progress=False, logits_processor=_closing(loaded, guide))
+    assert [g.text for (g,) in batched] == [g.text for (g,) in alone]
+
+
+def test_a_guided_output_cut_by_the_budget_counts_as_truncated(loaded, guide, contract):
+    """The guide does not know max_new_tokens: an unfinished document is judged as any
+    other truncated output (finish reason ``length``, not parsed, not valid)."""
+    [[g]], _ = generate(loaded, loaded.encode(PROMPTS[:1]), batch_size=1, max_new_tokens=8, progress=False,
+                        logits_processor=guide.processors)
+    assert g.finish_reason == "length" and g.text.startswith('{"summary":"')
+    verdict = contract.judge(g.text, {}, g.finish_reason)
+    assert not verdict.valid and verdict.cause == "truncated"
+
+
+# -- the probe row -----------------------------------------------------------------------------
+
+
+def test_a_plus_in_a_probe_model_name_is_only_the_guided_suffix():
+    assert list(parse_params({}).probe.models) == ["base", "sft", "dpo", "dpo+guided"]
+    with pytest.raises(ParamsError, match=r"probe.models: 'dpo\+fast': .*'\+guided'"):
+        parse_params({"probe": {"models": {"base": "models/base", "dpo+fast": "models/dpo"}}})
+    with pytest.raises(ParamsError, match=r"'\+guided'"):
+        parse_params({"probe": {"models": {"base": "models/base", "+guided": "models/base"}}})
+
+
+def test_probe_guided_row_writes_its_own_outputs_and_names_the_guide(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "instruction": f"Make a checklist for {c}.",
+                        "expect": {"payload_type": "checklist", "payload.destination": c}}) + "\n"
+            for i, c in enumerate(["Lisbon", "Tokyo", "Paris"])
+        ),
+        encoding="utf-8",
+    )
+    params = parse_params(
+        {
+            "paths": {"base_model": str(tiny_model_dir), "schema_file": str(SCHEMA), "probe_suite": str(suite),
+                      "metrics": "metrics", "reports": "reports"},
+            "model": {"device": "cpu", "dtype": "float32"},
+            "probe": {"models": {"base": str(tiny_model_dir), "base+guided": str(tiny_model_dir)},
+                      "limit": None, "batch_size": 2, "max_new_tokens": 12},
+            "compare": {"pairs": []},
+        }
+    )
+    free = probe.run(params, "base")
+    result = probe.run(params, "base+guided")
+    paths = probe.output_paths(params, "base+guided")
+    assert paths.metrics == Path("metrics/probe/base+guided.json")
+    assert paths.samples == Path("reports/probe/base+guided.samples.jsonl")
+    samples = read_jsonl(paths.samples)
+    assert {s["model"] for s in samples} == {"base+guided"}
+    assert all(s["output"].startswith('{"summary":"') for s in samples)  # the mask, in the stage
+    assert not any(s["output"].startswith('{"summary":"') for s in read_jsonl(probe.output_paths(params, "base").samples))
+    record = read_json(paths.provenance)
+    assert record["stage"] == "probe@base+guided"
+    assert record["guide"]["library"] == "llguidance" and record["guide"]["version"] == guided.llguidance_version()
+    assert record["run"]["generation_s"] > 0 and "guide" not in read_json(probe.output_paths(params, "base").provenance)
+    assert read_json(paths.metrics)["n"] == 3 and result["n"] == free["n"]
+
+
+def test_dvc_runs_a_probe_stage_named_with_the_guided_suffix():
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        stages = {s.addressing: s for s in repo.index.stages}
+    stage = stages["dvc.yaml:probe@dpo+guided"] if "dvc.yaml:probe@dpo+guided" in stages else stages["probe@dpo+guided"]
+    assert stage.cmd == "tuneline probe dpo+guided"
+    outs = {Path(o.def_path).as_posix() for o in stage.outs}
+    assert "metrics/probe/dpo+guided.json" in outs and "reports/probe/dpo+guided.samples.jsonl" in outs
+    assert any(Path(d.def_path).as_posix() == "models/dpo" for d in stage.deps)
