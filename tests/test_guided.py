@@ -205,6 +205,7 @@ def test_probe_guided_row_writes_its_own_outputs_and_names_the_guide(tmp_path, t
     params = parse_params(
         {
             "paths": {"base_model": str(tiny_model_dir), "schema_file": str(SCHEMA), "probe_suite": str(suite),
+                      "seed_dir": str(REPO / "data" / "seed"),
                       "metrics": "metrics", "reports": "reports"},
             "model": {"device": "cpu", "dtype": "float32"},
             "probe": {"models": {"base": str(tiny_model_dir), "base+guided": str(tiny_model_dir)},
