@@ -355,3 +355,19 @@ def test_a_malformed_loss_log_is_refused_with_its_line(tmp_path):
     (log / "loss.tsv").write_text("step\tloss\n1\t0.69\n2\tnan?\n")
     with pytest.raises(InputError, match=r"dpo/plots/metrics/loss\.tsv:3: expected step<TAB>value"):
         compare.run(params_for(tmp_path))
+
+
+def test_a_guided_row_is_paired_with_its_free_row_and_its_decode_time_shown_beside_it():
+    from tuneline.reporting import speed_section
+    from tuneline.stages.compare import comparisons
+
+    params = parse_params({"compare": {"pairs": []}, "probe": {"models": {"base": "models/base", "dpo": "models/dpo",
+                                                "dpo+guided": "models/dpo"}}})
+    assert ("dpo+guided", "dpo") in comparisons(params)
+    lonely = parse_params({"probe": {"models": {"base": "models/base", "sft+guided": "models/sft"}},
+                           "compare": {"pairs": []}})
+    assert comparisons(lonely) == [("sft+guided", "base")]
+    lines = speed_section({"dpo": {"generation_s": 80.0, "tokens_per_s": 50.0, "mean_new_tokens": 70.0},
+                           "dpo+guided": {"generation_s": 100.0, "tokens_per_s": 42.0, "mean_new_tokens": 70.0}})
+    assert "| dpo+guided | 100.0 | 42.0 | 70.0 | 1.25x the time |" in lines
+    assert "| dpo | 80.0 | 50.0 | 70.0 | — |" in lines

@@ -39,25 +39,9 @@ from typing import Any
 
 from tuneline.errors import InputError
 
-GUIDE_SUFFIX = "+guided"
 LIBRARY = "llguidance"
 # compact JSON, keys in schema order: the layout of the training targets
 COMPILE_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
-
-
-def split_model(name: str) -> tuple[str, bool]:
-    """(model name, guided): ``dpo+guided`` -> (``dpo``, True); ``dpo`` -> (``dpo``, False)."""
-    if name.endswith(GUIDE_SUFFIX):
-        return name[: -len(GUIDE_SUFFIX)], True
-    return name, False
-
-
-def check_model_name(name: str) -> str | None:
-    """What is wrong with a ``probe.models`` name, or None: a ``+`` only as ``+guided``."""
-    base, guided = split_model(name)
-    if "+" in base or not base:
-        return f"{name!r}: a '+' in a probe model name is allowed only as the suffix {GUIDE_SUFFIX!r} after a name"
-    return None
 
 
 def llguidance_version() -> str:

@@ -284,6 +284,16 @@ class DpoParams(Section):
         return _trainer_with_defaults(DPO_TRAINER, value)
 
 
+GUIDE_SUFFIX = "+guided"  # a probe model decoded under the contract's JSON Schema (tuneline.guided)
+
+
+def split_model(name: str) -> tuple[str, bool]:
+    """(model name, guided): ``dpo+guided`` -> (``dpo``, True); ``dpo`` -> (``dpo``, False)."""
+    if name.endswith(GUIDE_SUFFIX):
+        return name[: -len(GUIDE_SUFFIX)], True
+    return name, False
+
+
 class ProbeParams(Section):
     # name -> adapter dir; the base itself (or None) probes the bare base. A name ending in
     # "+guided" decodes that model under the contract's JSON Schema (tuneline.guided).
@@ -309,9 +319,11 @@ class ProbeParams(Section):
     @classmethod
     def _model_names(cls, value: dict[str, str | None]) -> dict[str, str | None]:
         for name in value:
-            head, plus, tail = name.partition("+")
-            if plus and (not head or tail != "guided"):
-                raise ValueError(f"{name!r}: a '+' in a model name is allowed only in the suffix '+guided' after a name")
+            head, guided = split_model(name)
+            if not head or "+" in head or ("+" in name and not guided):
+                raise ValueError(
+                    f"{name!r}: a '+' in a model name is allowed only in the suffix {GUIDE_SUFFIX!r} after a name"
+                )
         return value
 
 

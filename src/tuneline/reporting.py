@@ -24,7 +24,7 @@ from typing import Any
 
 from tuneline import stats
 from tuneline.errors import InputError
-from tuneline.params import Params
+from tuneline.params import Params, split_model
 from tuneline.records import loads_strict, read_json, read_jsonl
 
 # --- Probe outputs: where a probe run lives and what one sample scores
@@ -473,6 +473,28 @@ def run_n(per_metric: Mapping[str, Mapping[str, Any]]) -> int:
 # --- Report: markdown and plot
 
 
+def speed_section(speeds: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Decoding time per model; a guided row (``X+guided``) beside its free row ``X``."""
+    lines = [
+        "## Decoding speed",
+        "",
+        "| model | decode s | new tokens/s | mean new tokens | vs free decoding |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for model, run in speeds.items():
+        plain, guided = split_model(model)
+        free = speeds.get(plain) if guided else None
+        ratio = "—"
+        if free and free.get("generation_s") and run.get("generation_s"):
+            ratio = f"{run['generation_s'] / free['generation_s']:.2f}x the time"
+        lines.append(
+            f"| {model} | {run.get('generation_s', 0):.1f} | {run.get('tokens_per_s', 0):.1f} | "
+            f"{run.get('mean_new_tokens', 0):.1f} | {ratio} |"
+        )
+    lines += ["", "Timings from each probe's run record (one process per model, the same machine and batch size)."]
+    return lines
+
+
 def render_markdown(
     rates: Mapping[str, Mapping[str, Mapping[str, float]]],
     diffs: Mapping[tuple[str, str], Mapping[str, Mapping[str, float]]],
@@ -483,9 +505,11 @@ def render_markdown(
     power: float,
     plot_name: str | None,
     causes: Mapping[str, Mapping[str, int]] | None = None,
+    speeds: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """The report; ``causes`` maps model -> failure cause -> count (a cause one model lacks
-    is shown as 0)."""
+    is shown as 0); ``speeds`` maps model -> its probe run record's ``run`` (decode seconds,
+    tokens/s, mean new tokens)."""
     pct = round(conf * 100)
     models = list(rates)
     metrics = list(next(iter(rates.values())))
@@ -533,6 +557,8 @@ def render_markdown(
             lines += [f"| {model} | " + " | ".join(str(table[model][c]) for c in order) + " |" for model in models]
         else:
             lines.append("None: every output passed.")
+    if speeds:
+        lines += ["", *speed_section(speeds)]
     if diffs:
         lines += [
             "",

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.errors import InputError
-from tuneline.params import Params
+from tuneline.params import Params, split_model
 from tuneline.provenance import run_provenance_path, write_provenance
 from tuneline.records import read_json, write_json, write_text
 from tuneline.reporting import (
@@ -59,9 +59,11 @@ TRAINING_STAGES = ("sft", "dpo")
 
 
 def comparisons(params: Params) -> list[tuple[str, str]]:
-    """(model, other) pairs: each model against the baseline, then compare.pairs."""
+    """(model, other) pairs: each model against the baseline, each guided row against its
+    model's free row when both are probed, then compare.pairs."""
     names = list(params.probe.models)
     result = [(m, params.compare.baseline) for m in names if m != params.compare.baseline]
+    result += [(m, split_model(m)[0]) for m in names if split_model(m)[1] and split_model(m)[0] in names]
     for a, b in params.compare.pairs:
         if (a, b) not in result and a != b:
             result.append((a, b))
@@ -100,6 +102,18 @@ def training_logs(params: Params) -> tuple[dict[str, dict[str, list[tuple[float,
     return curves, plans
 
 
+def decode_speeds(params: Params) -> dict[str, dict[str, Any]]:
+    """Each probed model's decode timings, from its run record (models without one are left out)."""
+    speeds: dict[str, dict[str, Any]] = {}
+    for name in params.probe.models:
+        record = output_paths(params, name).provenance
+        if Path(record).is_file():
+            run = read_json(record).get("run") or {}
+            if "generation_s" in run:
+                speeds[name] = run
+    return speeds
+
+
 def run(params: Params) -> dict[str, Any]:
     cp = params.compare
     runs: dict[str, ProbeRun] = {}
@@ -122,6 +136,7 @@ def run(params: Params) -> dict[str, Any]:
         power=cp.power,
         plot_name=plot_path.name,
         causes={name: failure_causes(groups) for name, groups in failures.items()},
+        speeds=decode_speeds(params),
     )
     write_text(reports / "compare.md", markdown)
     write_json(reports / "compare_rates.json", rate_rows(rates))

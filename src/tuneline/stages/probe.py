@@ -241,9 +241,9 @@ def run(params: Params, model: str) -> dict[str, Any]:
     from tuneline import tasks
     from tuneline.contract import load_contract
     from tuneline.guided import build as build_guide
-    from tuneline.guided import split_model
     from tuneline.modeling import load_for_eval
     from tuneline.parallel import generate  # split across processes when launched with several
+    from tuneline.params import split_model
     from tuneline.prompting import render
 
     pp = params.probe
