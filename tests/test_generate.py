@@ -11,7 +11,7 @@ import pytest
 
 from tuneline.contract import load_contract
 from tuneline.datagen import imports
-from tuneline.datagen.travel import PAYLOAD_TYPES, load_destinations
+from tuneline.datagen.travel import PAYLOAD_TYPES, load_destinations, uncovered_languages
 from tuneline.errors import InputError
 from tuneline.params import Params, parse_params
 from tuneline.records import RecordError, read_jsonl
@@ -61,12 +61,16 @@ def template_run(tmp_path_factory):
 def test_template_records_validate_and_carry_provenance(template_run):
     tmp, metrics, records = template_run
     contract = load_contract(SEED / "contract.schema.json")
-    train = {
-        d["name"] for d in load_destinations(SEED / "destinations.jsonl") if d["split"] == "train"
-    }
-    assert metrics["records"] == len(records) == len(train) * len(PAYLOAD_TYPES) * 3
+    kb = load_destinations(SEED / "destinations.jsonl")
+    train = {d["name"] for d in kb if d["split"] == "train"}
+    # 3 per (destination, payload type), plus 3 phrasebooks per language no phrase list covers
+    uncovered = sum(len(uncovered_languages(d, kb)) for d in kb if d["split"] == "train")
+    assert metrics["records"] == len(records) == len(train) * len(PAYLOAD_TYPES) * 3 + 3 * uncovered
     assert metrics["by_source"] == {"template": len(records)}
-    assert set(metrics["by_payload_type"].values()) == {len(train) * 3}
+    by_type = metrics["by_payload_type"]
+    assert by_type.pop("phrasebook") == len(train) * 3 + 3 * uncovered
+    assert set(by_type.values()) == {len(train) * 3}
+    assert {r["meta"]["register"] for r in records} == {"formal", "casual"}
     for r in records:
         envelope = json.loads(r["completion"])
         assert contract.validate(envelope) == [], r["id"]

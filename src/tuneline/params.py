@@ -120,6 +120,8 @@ class TemplateSourceParams(Section):
     enabled: bool = True
     max_records: PositiveInt | None = None
     variants: PositiveInt = 3  # examples per (destination, payload type)
+    natural_fraction: Probability = 0.5  # share of prompts in the casual register (datagen.travel)
+    uncovered_language_variants: NonNegativeInt = 3  # phrasebook requests per uncovered language
 
 
 class TeacherSourceParams(Section):

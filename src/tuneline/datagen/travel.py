@@ -12,6 +12,21 @@ it draws ``variants`` distinct (phrasing, profile) combinations with a random ge
 seeded by (seed, destination, payload type, variant), then builds the instruction and an
 envelope whose wording, list lengths and order vary with the same generator. Facts come only
 from the knowledge base.
+
+Prompts as users write them: with ``natural_fraction`` > 0 a seeded share of examples takes
+the phrasings file's ``natural`` templates (the ``casual`` register: questions, several
+wordings each payload type answers, adverbial profiles, casual task wordings) instead of the
+formal ones, and casual prompts are roughened by ``naturalise``: context said before or after
+the request, common misspellings or a swapped, dropped or doubled letter, lower case, no
+punctuation. The destination name (and a requested language) is never altered. Formal prompts
+only sometimes get a context sentence. Each example records its ``register`` and ``style``
+(the roughening applied, ``question`` when the request is a question).
+
+Phrasebooks list 3 to all of the destination's phrases, one per meaning. For a language the
+destination speaks but no phrase list in the knowledge base covers (``uncovered_languages``),
+``uncovered_language_variants`` examples per language ask for it by name; their envelope
+gives 1-3 phrases of the destination's covered language, says so, and notes that phrases in
+the requested language could not be verified, rather than inventing them.
 """
 
 from __future__ import annotations
@@ -38,6 +53,18 @@ TASKS = {
     "power": "Charge your devices",
 }
 PLACEHOLDERS = {"destination", "days", "span", "profile", "task"}
+LANGUAGE_PLACEHOLDERS = PLACEHOLDERS | {"language"}
+REGISTERS = ("formal", "casual")
+# How often each roughening is applied, by register (fixed; ``natural_fraction`` sets the
+# register mix). Formal prompts keep their spelling and punctuation.
+NOISE_SHARES = {
+    "casual": {"context": 0.3, "typo": 0.3, "lower": 0.5, "no_punct": 0.4},
+    "formal": {"context": 0.15},
+}
+_QUESTION_START = re.compile(
+    r"^(?:how|what|whats|what's|which|where|when|is|are|can|could|would|should|do|does|any)\b",
+    re.IGNORECASE,
+)
 
 _DESTINATION_FIELDS: dict[str, type | tuple[type, ...]] = {
     "name": str,
@@ -60,10 +87,24 @@ _DESTINATION_FIELDS: dict[str, type | tuple[type, ...]] = {
 
 
 @dataclass(frozen=True)
+class Natural:
+    """How users write: the phrasings file's optional ``natural`` section."""
+
+    profiles: dict[str, str]  # profile id -> adverbial wording ("with my partner")
+    tasks: dict[str, tuple[str, ...]]  # task key -> casual wordings
+    templates: dict[str, tuple[str, ...]]  # payload type -> casual templates
+    language_templates: tuple[str, ...]  # phrasebook requests naming {language}
+    before: tuple[str, ...]  # context said before the request
+    after: tuple[str, ...]  # context said after it
+    misspellings: dict[str, str]  # word -> common misspelling
+
+
+@dataclass(frozen=True)
 class Phrasings:
     profiles: tuple[tuple[str, str], ...]  # (id, text)
     tasks: dict[str, tuple[str, ...]]  # task key -> wordings
     templates: dict[str, tuple[str, ...]]  # payload type -> templates
+    natural: Natural | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +118,8 @@ class Example:
     destination: str
     phrasing: str
     profile: str | None
+    register: str = "formal"
+    style: str = "plain"  # roughening applied, "+"-joined ("question+typo+lower"), or "plain"
 
 
 # -- loading -----------------------------------------------------------------------------
@@ -150,16 +193,8 @@ def load_phrasings(path: str | Path) -> Phrasings:
                 f"{path}: templates.{ptype}: no templates (every payload type needs some)"
             )
         for i, template in enumerate(found):
-            names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-            if not names <= PLACEHOLDERS:
-                raise InputError(
-                    f"{path}: templates.{ptype}[{i}]: unknown placeholder(s) {sorted(names - PLACEHOLDERS)} "
-                    f"(allowed: {sorted(PLACEHOLDERS)})"
-                )
-            if "destination" not in names:
-                raise InputError(f"{path}: templates.{ptype}[{i}]: must contain {{destination}}")
-            if ptype == "procedure" and "task" not in names:
-                raise InputError(f"{path}: templates.procedure[{i}]: must contain {{task}}")
+            needed = {"destination", "task"} if ptype == "procedure" else {"destination"}
+            _check_template(path, f"templates.{ptype}[{i}]", template, PLACEHOLDERS, needed)
         templates[ptype] = tuple(found)
     unknown = sorted(set(data["templates"]) - set(PAYLOAD_TYPES))
     if unknown:
@@ -168,7 +203,113 @@ def load_phrasings(path: str | Path) -> Phrasings:
         )
     if not tasks:
         raise InputError(f"{path}: tasks: at least one task is needed for procedure prompts")
-    return Phrasings(profiles=tuple(profiles), tasks=tasks, templates=templates)
+    natural = None
+    if "natural" in data:
+        natural = _load_natural(path, data["natural"], [p[0] for p in profiles], sorted(tasks))
+    return Phrasings(profiles=tuple(profiles), tasks=tasks, templates=templates, natural=natural)
+
+
+def _check_template(
+    path: str | Path, where: str, template: Any, allowed: set[str], needed: set[str]
+) -> None:
+    if not isinstance(template, str) or not template.strip():
+        raise InputError(f"{path}: {where}: must be a non-empty string, got {template!r}")
+    names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    if not names <= allowed:
+        raise InputError(
+            f"{path}: {where}: unknown placeholder(s) {sorted(names - allowed)} "
+            f"(allowed: {sorted(allowed)})"
+        )
+    for name in sorted(needed - names):
+        raise InputError(f"{path}: {where}: must contain {{{name}}}")
+
+
+def _strings_list(path: str | Path, where: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise InputError(f"{path}: {where}: must be a non-empty list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _string_map(path: str | Path, where: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(v, str) and v.strip() for v in value.values()
+    ):
+        raise InputError(f"{path}: {where}: must be an object of non-empty strings, got {value!r}")
+    return dict(value)
+
+
+def _load_natural(
+    path: str | Path, data: Any, profile_ids: list[str], task_keys: list[str]
+) -> Natural:
+    """The ``natural`` section: every profile and task has a casual wording, every payload type
+    casual templates."""
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: natural: expected an object")
+    keys = ("profiles", "tasks", "templates", "language_templates", "context", "misspellings")
+    unknown = sorted(set(data) - set(keys))
+    missing = [k for k in keys if k not in data]
+    if unknown or missing:
+        raise InputError(
+            f"{path}: natural: unknown key(s) {unknown}, missing key(s) {missing}; expected {list(keys)}"
+        )
+    profiles = _string_map(path, "natural.profiles", data["profiles"])
+    if sorted(profiles) != sorted(profile_ids):
+        raise InputError(
+            f"{path}: natural.profiles: needs a wording for exactly the profiles {sorted(profile_ids)}, "
+            f"has {sorted(profiles)}"
+        )
+    raw_tasks = data["tasks"]
+    if not isinstance(raw_tasks, dict) or sorted(raw_tasks) != task_keys:
+        found = sorted(raw_tasks) if isinstance(raw_tasks, dict) else raw_tasks
+        raise InputError(f"{path}: natural.tasks: needs wordings for exactly the tasks {task_keys}, has {found}")
+    tasks = {k: _strings_list(path, f"natural.tasks.{k}", v) for k, v in raw_tasks.items()}
+    raw_templates = data["templates"]
+    if not isinstance(raw_templates, dict) or sorted(raw_templates) != sorted(PAYLOAD_TYPES):
+        found = sorted(raw_templates) if isinstance(raw_templates, dict) else raw_templates
+        raise InputError(
+            f"{path}: natural.templates: needs templates for exactly {list(PAYLOAD_TYPES)}, has {found}"
+        )
+    templates = {}
+    for ptype in PAYLOAD_TYPES:
+        found = _strings_list(path, f"natural.templates.{ptype}", raw_templates[ptype])
+        needed = {"destination", "task"} if ptype == "procedure" else {"destination"}
+        for i, template in enumerate(found):
+            _check_template(path, f"natural.templates.{ptype}[{i}]", template, PLACEHOLDERS, needed)
+        templates[ptype] = found
+    language_templates = _strings_list(path, "natural.language_templates", data["language_templates"])
+    for i, template in enumerate(language_templates):
+        _check_template(
+            path, f"natural.language_templates[{i}]", template, LANGUAGE_PLACEHOLDERS, {"destination", "language"}
+        )
+    context = data["context"]
+    if not isinstance(context, dict) or sorted(context) != ["after", "before"]:
+        raise InputError(f"{path}: natural.context: expected an object with 'before' and 'after' lists")
+    misspellings = _string_map(path, "natural.misspellings", data["misspellings"])
+    for word, wrong in misspellings.items():
+        if not (word.isalpha() and word == word.lower() and wrong != word):
+            raise InputError(
+                f"{path}: natural.misspellings.{word}: keys are lower-case words, each mapped to a different spelling"
+            )
+    return Natural(
+        profiles=profiles,
+        tasks=tasks,
+        templates=templates,
+        language_templates=language_templates,
+        before=_strings_list(path, "natural.context.before", context["before"]),
+        after=_strings_list(path, "natural.context.after", context["after"]),
+        misspellings=misspellings,
+    )
+
+
+def uncovered_languages(d: dict[str, Any], destinations: Sequence[dict[str, Any]]) -> list[str]:
+    """Languages ``d`` speaks (besides English) that no phrase list in the knowledge base covers."""
+    covered = " ".join(x["phrase_language"] for x in destinations)
+    spoken = [n for entry in d["languages"] for n in re.split(r"\s*[()]\s*", entry) if n]
+    return [
+        n
+        for n in spoken
+        if n != "English" and not re.search(rf"(?<!\w){re.escape(n)}(?!\w)", covered)
+    ]
 
 
 def slug(text: str) -> str:
@@ -185,11 +326,103 @@ def span_text(days: int) -> str:
 
 
 def render_instruction(
-    template: str, *, destination: str, days: int, profile: str, task: str
+    template: str, *, destination: str, days: int, profile: str, task: str, language: str = ""
 ) -> str:
     return template.format(
-        destination=destination, days=days, span=span_text(days), profile=profile, task=task
+        destination=destination,
+        days=days,
+        span=span_text(days),
+        profile=profile,
+        task=task,
+        language=language,
     )
+
+
+def is_question(request: str) -> bool:
+    return "?" in request or bool(_QUESTION_START.match(request.strip()))
+
+
+def _spans(text: str, protected: Sequence[str]) -> list[tuple[int, int]]:
+    return [
+        (m.start(), m.end())
+        for name in protected
+        if name
+        for m in re.finditer(re.escape(name), text)
+    ]
+
+
+def _outside(text: str, protected: Sequence[str], change: Any) -> str:
+    """``change`` applied to the text between protected names, never to them."""
+    out, last = [], 0
+    for start, end in sorted(_spans(text, protected)):
+        if start < last:
+            continue
+        out += [change(text[last:start]), text[start:end]]
+        last = end
+    out.append(change(text[last:]))
+    return "".join(out)
+
+
+def _typo(word: str, misspellings: dict[str, str], rng: random.Random) -> str:
+    wrong = misspellings.get(word.lower())
+    if wrong is not None and rng.random() < 0.6:
+        return wrong.capitalize() if word[:1].isupper() else wrong
+    i = rng.randrange(1, len(word) - 1)
+    op = rng.choice(("swap", "drop", "double"))
+    if op == "swap" and word[i] != word[i + 1]:
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+    if op == "double":
+        return word[:i] + word[i] + word[i:]
+    return word[:i] + word[i + 1 :]
+
+
+def naturalise(
+    request: str,
+    *,
+    protected: Sequence[str],
+    natural: Natural,
+    register: str,
+    rng: random.Random,
+) -> tuple[str, list[str]]:
+    """``request`` as a user might type it, and the roughening applied (see module docstring).
+
+    Names in ``protected`` (the destination, a requested language) are never changed."""
+    shares = NOISE_SHARES[register]
+    applied = ["question"] if is_question(request) else []
+    text = request
+    if rng.random() < shares.get("context", 0.0):
+        applied.append("context")
+        if rng.random() < 0.5:
+            said = rng.choice(natural.before)
+            said = said[:1].upper() + said[1:] if register == "formal" else said
+            text = f"{said} {text}"
+        else:
+            said = rng.choice(natural.after)
+            said = said[:1].upper() + said[1:] if register == "formal" or text[-1:] in ".?!" else said
+            text = f"{text} {said}" if text[-1:] in ".?!" else f"{text}, {said}"
+    if rng.random() < shares.get("typo", 0.0):
+        taken = _spans(text, protected)
+        words = [
+            m
+            for m in re.finditer(r"[A-Za-z]+", text)
+            if (len(m.group()) >= 4 or m.group().lower() in natural.misspellings)
+            and not any(m.start() < end and start < m.end() for start, end in taken)
+        ]
+        if words:
+            applied.append("typo")
+            hit = rng.sample(words, min(len(words), 1 if rng.random() < 0.7 else 2))
+            for m in sorted(hit, key=lambda m: -m.start()):
+                word = m.group()
+                wrong = _typo(word, natural.misspellings, rng) if len(word) >= 3 else word
+                text = text[: m.start()] + wrong + text[m.end() :]
+    if rng.random() < shares.get("lower", 0.0):
+        applied.append("lower")
+        text = _outside(text, protected, str.lower)
+    if rng.random() < shares.get("no_punct", 0.0):
+        applied.append("no_punct")
+        text = _outside(text, protected, lambda part: re.sub(r"[.?!,']", "", part))
+        text = re.sub(r" {2,}", " ", text).strip()
+    return text, applied
 
 
 def uses_profile(template: str) -> bool:
@@ -259,8 +492,12 @@ def build_envelope(
     days: int,
     task_key: str,
     rng: random.Random,
+    language: str | None = None,
 ) -> dict[str, Any]:
-    """One envelope for destination ``d``; every fact comes from the knowledge base."""
+    """One envelope for destination ``d``; every fact comes from the knowledge base.
+
+    ``language`` (phrasebooks only): the language asked for, when it is not the one the
+    knowledge base has phrases for."""
     name = d["name"]
     for_profile = f" for {profile_text}" if profile_text else ""
     assumptions, season = _common(d, profile_id, profile_text, rng)
@@ -393,33 +630,62 @@ def build_envelope(
             1,
         )
     elif payload_type == "phrasebook":
-        phrases = d["phrases"]
-        k = rng.randint(min(4, len(phrases)), min(6, len(phrases)))
-        picked = sorted(rng.sample(range(len(phrases)), k))
-        payload = {
-            "destination": name,
-            "language": d["phrase_language"],
-            "phrases": [
-                {"phrase": phrases[i]["phrase"], "meaning": phrases[i]["meaning"]} for i in picked
-            ],
-        }
-        lang = d["phrase_language"]
-        summary = rng.choice(
-            [
-                f"Useful {lang} phrases for getting around {name}.",
-                f"A short {lang} phrasebook for {name}{for_profile}.",
-                f"Basic {lang} expressions that help in {name}.",
+        phrases = _distinct_meanings(d["phrases"])
+        known = d["phrase_language"]
+        if language is not None and language != known:
+            # a language the knowledge base has no phrases for: a few phrases of the covered
+            # language, said to be that, instead of invented ones
+            picked = sorted(rng.sample(range(len(phrases)), rng.randint(1, min(3, len(phrases)))))
+            payload = {
+                "destination": name,
+                "language": language,
+                "phrases": [
+                    {
+                        "phrase": phrases[i]["phrase"],
+                        "meaning": f"{phrases[i]['meaning']} (in {known})",
+                    }
+                    for i in picked
+                ],
+            }
+            summary = rng.choice(
+                [
+                    f"No verified {language} phrases for {name}; a few {known} basics instead.",
+                    f"I cannot vouch for {language} phrases, so these are {known} basics for {name}.",
+                ]
+            )
+            assumptions += [f"You speak little or no {language}."]
+            uncertainty = [
+                f"The {language} phrases could not be verified, so none are given; "
+                f"the list holds {known} phrases, which are also understood in {name}."
             ]
-        )
-        assumptions += [f"You speak little or no {lang}."]
-        uncertainty = ["Spelling is simplified and pronunciation varies."]
-        next_steps = _pick(
-            rng,
-            ["Practise the greetings before you arrive.", "Save the phrases on your phone."],
-            1,
-            1,
-        )
-        verification = ["Listen to the pronunciation in a dictionary app."]
+            next_steps = [f"Ask a local to teach you a greeting in {language}."]
+            verification = [f"Check {language} phrases with a native speaker or a good dictionary."]
+        else:
+            k = rng.randint(min(3, len(phrases)), len(phrases))
+            picked = sorted(rng.sample(range(len(phrases)), k))
+            payload = {
+                "destination": name,
+                "language": known,
+                "phrases": [
+                    {"phrase": phrases[i]["phrase"], "meaning": phrases[i]["meaning"]} for i in picked
+                ],
+            }
+            summary = rng.choice(
+                [
+                    f"Useful {known} phrases for getting around {name}.",
+                    f"A short {known} phrasebook for {name}{for_profile}.",
+                    f"Basic {known} expressions that help in {name}.",
+                ]
+            )
+            assumptions += [f"You speak little or no {known}."]
+            uncertainty = ["Spelling is simplified and pronunciation varies."]
+            next_steps = _pick(
+                rng,
+                ["Practise the greetings before you arrive.", "Save the phrases on your phone."],
+                1,
+                1,
+            )
+            verification = ["Listen to the pronunciation in a dictionary app."]
     elif payload_type == "procedure":
         task = TASKS[task_key]
         steps = _steps(d, task_key, rng)
@@ -457,6 +723,18 @@ def build_envelope(
         "payload_type": payload_type,
         "payload": payload,
     }
+
+
+def _distinct_meanings(phrases: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The phrase list with one phrase per meaning (the first), in knowledge-base order."""
+    seen: set[str] = set()
+    out = []
+    for p in phrases:
+        meaning = " ".join(p["meaning"].casefold().split())
+        if meaning not in seen:
+            seen.add(meaning)
+            out.append(p)
+    return out
 
 
 def _join(values: Sequence[str]) -> str:
@@ -551,8 +829,20 @@ def template_examples(
     variants: int,
     split: str = "train",
     days_range: tuple[int, int] = (1, 4),
+    natural_fraction: float = 0.0,
+    uncovered_language_variants: int = 0,
 ) -> list[Example]:
-    """Deterministic expansion over destinations x payload types x variants (see module docstring)."""
+    """Deterministic expansion over destinations x payload types x variants (see module docstring).
+
+    ``destinations`` is the whole knowledge base (its phrase lists decide which languages are
+    uncovered); only those of ``split`` are expanded."""
+    natural = phrasings.natural
+    if natural is None and (natural_fraction > 0 or uncovered_language_variants > 0):
+        raise InputError(
+            "generate.sources.template.natural_fraction / uncovered_language_variants: "
+            f"{natural_fraction} / {uncovered_language_variants} need a 'natural' section in the "
+            "phrasings file (set both to 0 to use the formal templates only)"
+        )
     examples = []
     task_keys = sorted(phrasings.tasks)
     for d in destinations:
@@ -569,22 +859,47 @@ def template_examples(
                 )
             )
             task_offset = base_rng.randrange(len(task_keys))
+            # the register draw has its own generator: formal examples stay as they were
+            register_rng = random.Random(f"{seed}:{d['name']}:{ptype}:register")
+            casual = [register_rng.random() < natural_fraction for _ in range(variants)]
+            casual_index = (
+                _spread(register_rng, len(natural.templates[ptype]), variants) if natural else []
+            )
             for k, (t_index, p_index) in enumerate(chosen):
                 rng = random.Random(f"{seed}:{d['name']}:{ptype}:{k}")
-                template = templates[t_index]
+                register = "casual" if casual[k] else "formal"
+                if natural is not None and casual[k]:
+                    template = natural.templates[ptype][casual_index[k]]
+                    phrasing = f"{ptype}/natural/{casual_index[k]}"
+                else:
+                    template = templates[t_index]
+                    phrasing = f"{ptype}/{t_index}"
                 profile_id, profile_text = phrasings.profiles[p_index]
                 if not uses_profile(template):
                     profile_id, profile_text = None, None
                 days = rng.randint(*days_range)
                 task_key = task_keys[(k + task_offset) % len(task_keys)]
-                task_text = rng.choice(phrasings.tasks[task_key])
+                wordings = natural.tasks if (natural is not None and casual[k]) else phrasings.tasks
+                task_text = rng.choice(wordings[task_key])
+                said_profile = profile_text or ""
+                if natural is not None and casual[k] and profile_id is not None:
+                    said_profile = natural.profiles[profile_id]
                 instruction = render_instruction(
                     template,
                     destination=d["name"],
                     days=days,
-                    profile=profile_text or "",
+                    profile=said_profile,
                     task=task_text,
                 )
+                style: list[str] = []
+                if natural is not None:
+                    instruction, style = naturalise(
+                        instruction,
+                        protected=[d["name"]],
+                        natural=natural,
+                        register=register,
+                        rng=random.Random(f"{seed}:{d['name']}:{ptype}:{k}:style"),
+                    )
                 envelope = build_envelope(
                     d,
                     ptype,
@@ -601,11 +916,65 @@ def template_examples(
                         envelope=envelope,
                         payload_type=ptype,
                         destination=d["name"],
-                        phrasing=f"{ptype}/{t_index}",
+                        phrasing=phrasing,
                         profile=profile_id,
+                        register=register,
+                        style="+".join(style) or "plain",
                     )
                 )
+        if natural is not None and uncovered_language_variants:
+            examples += _uncovered_language_examples(
+                d, destinations, natural, seed=seed, variants=uncovered_language_variants,
+                natural_fraction=natural_fraction,
+            )
     return examples
+
+
+def _uncovered_language_examples(
+    d: dict[str, Any],
+    destinations: Sequence[dict[str, Any]],
+    natural: Natural,
+    *,
+    seed: int,
+    variants: int,
+    natural_fraction: float,
+) -> list[Example]:
+    """Phrasebook requests naming a language the knowledge base has no phrases for."""
+    out = []
+    templates = natural.language_templates
+    for language in uncovered_languages(d, destinations):
+        base_rng = random.Random(f"{seed}:{d['name']}:phrasebook:{language}")
+        for k, t_index in enumerate(_spread(base_rng, len(templates), variants)):
+            rng = random.Random(f"{seed}:{d['name']}:phrasebook:{language}:{k}")
+            register = "casual" if base_rng.random() < natural_fraction else "formal"
+            instruction = render_instruction(
+                templates[t_index], destination=d["name"], days=1, profile="", task="", language=language
+            )
+            instruction, style = naturalise(
+                instruction,
+                protected=[d["name"], language],
+                natural=natural,
+                register=register,
+                rng=random.Random(f"{seed}:{d['name']}:phrasebook:{language}:{k}:style"),
+            )
+            envelope = build_envelope(
+                d, "phrasebook", profile_id=None, profile_text=None, days=1, task_key="",
+                rng=rng, language=language,
+            )
+            out.append(
+                Example(
+                    key=f"{slug(d['name'])}-phrasebook-{slug(language)}-{k}",
+                    instruction=instruction,
+                    envelope=envelope,
+                    payload_type="phrasebook",
+                    destination=d["name"],
+                    phrasing=f"phrasebook/language/{t_index}",
+                    profile=None,
+                    register=register,
+                    style="+".join(["uncovered_language", *style]),
+                )
+            )
+    return out
 
 
 def _spread(rng: random.Random, n: int, k: int) -> list[int]:

@@ -40,11 +40,14 @@ GOLD_FIELDS = {"instruction": str, "payload_type": str, "destination": str, "com
 
 def examples(params: Any) -> list[travel.Example]:
     seed_dir = Path(params.paths.seed_dir)
+    template = params.generate.sources.template
     return travel.template_examples(
         travel.load_destinations(seed_dir / KNOWLEDGE_BASE),
         travel.load_phrasings(seed_dir / PHRASINGS),
         seed=params.seed,
-        variants=params.generate.sources.template.variants,
+        variants=template.variants,
+        natural_fraction=template.natural_fraction,
+        uncovered_language_variants=template.uncovered_language_variants,
     )
 
 
@@ -81,7 +84,7 @@ def template_record(e: travel.Example, params: Any, contract: Contract) -> dict[
         "id": f"tpl-{e.key}",
         "prompt": e.instruction,
         "completion": contract.canonical_text(e.envelope),
-        "meta": example_meta(e, "template"),
+        "meta": {**example_meta(e, "template"), "register": e.register, "style": e.style},
         "provenance": provenance,
     }
 
@@ -182,6 +185,10 @@ def wrong_payload_type(record: dict[str, Any], pool: list[dict[str, Any]], contr
 #   where they are said to be spoken ("speak little or no X", "X phrases"); English is
 #   checked only in the field, since "Do you speak English?" is a phrase, not a claim;
 # - country: country names in the text (the KB's countries and a few aliases).
+#
+# The currency a destination's daily budget is given in (USD where local prices change
+# quickly) is right for it too, and the KB's sight names are names, not statements
+# ("Little India" says nothing about Singapore's country).
 #
 # Names match as whole words; currency names (and their ASCII spellings) case-insensitively,
 # codes, countries and languages in the text only as written ("Polish", not "polish").
@@ -293,6 +300,7 @@ class FactBase:
             if country in self.countries:
                 self.countries.setdefault(alias, frozenset({country}))
         self._countries = re.compile(rf"(?<!\w)(?:{_alternation(self.countries)})(?!\w)")
+        self._sights = re.compile(rf"(?<!\w)(?:{_alternation(s for d in destinations for s in d['sights'])})(?!\w)")
 
     def entry(self, destination: Any) -> dict[str, Any] | None:
         return self.entries.get(_ascii(str(destination)).casefold()) if isinstance(destination, str) else None
@@ -302,7 +310,7 @@ class FactBase:
         languages = {name for e in entry["languages"] for name in re.split(r"\s*[()]\s*", e) if name}
         languages |= {m.group(0) for m in self._language_any.finditer(entry["phrase_language"])}
         return {
-            "currency": frozenset({entry["currency"]["code"]}),
+            "currency": frozenset({entry["currency"]["code"], entry["daily_budget"]["currency"]}),
             "language": frozenset(languages),
             "country": frozenset({entry["country"]}),
         }
@@ -332,6 +340,7 @@ class FactBase:
         for path, text in _strings(obj):
             if path.endswith(".destination"):
                 continue
+            text = self._sights.sub(lambda m: " " * len(m.group(0)), text)
             spans = self.currencies(text, path, field=path == "$.payload.currency")
             if path == "$.payload.currency" and not spans:
                 found.append(Found("currency", text, frozenset(), path))
