@@ -283,6 +283,12 @@ def test_committed_report_is_what_compare_makes_from_the_committed_probe_outputs
     data = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
     data["paths"] = {**data.get("paths", {}), "metrics": str(tmp_path / "metrics"),
                      "reports": str(tmp_path / "reports")}
+    # the models and suites the committed probe outputs cover
+    probed = repo / "metrics" / "probe"
+    data["probe"]["suites"] = {s: v for s, v in data["probe"]["suites"].items() if (probed / s).is_dir()}
+    data["probe"]["models"] = {m: v for m, v in data["probe"]["models"].items()
+                               if all((probed / s / f"{m}.json").is_file() for s in data["probe"]["suites"])}
+    assert data["probe"]["suites"] and len(data["probe"]["models"]) >= 2
     shutil.copytree(repo / "metrics" / "probe", tmp_path / "metrics" / "probe")
     shutil.copytree(repo / "reports" / "probe", tmp_path / "reports" / "probe")
     shutil.copytree(repo / "reports" / "provenance" / "probe", tmp_path / "reports" / "provenance" / "probe")
@@ -295,10 +301,10 @@ def test_committed_report_is_what_compare_makes_from_the_committed_probe_outputs
     assert made == committed
     for name in ("compare_rates.json", "index.html"):
         assert (tmp_path / "reports" / name).read_text() == (repo / "reports" / name).read_text(), name
-    for key, value in committed.items():
+    for suite, key, value in [(suite, k, v) for suite, section in committed.items() for k, v in section.items()]:
         if "_vs_" not in key:
             continue
-        rates = made[key.split("_vs_")[0]]
+        rates = made[suite][key.split("_vs_")[0]]
         for metric, s in value.items():
             n, only_model, only_other = s["n"], s["only_model"], s["only_other"]
             both = rates[metric]["k"] - only_model
