@@ -23,6 +23,7 @@ from test_pipeline_e2e import TINY_OVERRIDES, make_project, ran_stages
 from tuneline import dag
 
 CODE = "src/tuneline"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -212,3 +213,25 @@ def test_a_code_change_that_keeps_the_outputs_reruns_only_that_stage(project: Pa
     data = [[o for o in lock["clean"]["outs"] if o["path"] == "data/clean"] for lock in (old, new)]
     assert data[0] and data[0] == data[1]  # ... its data output's hash did not (metrics stamp git state)
     assert old["sft"] == new["sft"]
+
+
+def test_dvc_yaml_declares_every_suite_of_the_params():
+    """Each suite of probe.suites is a dep of clean and of every probe stage, and every
+    probe stage writes its metrics, samples and failures; the development suite is a dep
+    of clean. dvc.yaml lists suites by name, so a suite added to params.yaml needs it."""
+    from dvc.repo import Repo
+
+    from tuneline.params import load_params
+
+    params = load_params(REPO / "params.yaml")
+    with Repo(str(REPO)) as repo:
+        stages = {s.addressing.split(":")[-1]: s for s in repo.index.stages}
+    paths = lambda entries: {Path(e.def_path).as_posix() for e in entries}  # noqa: E731
+    assert params.paths.dev_suite in paths(stages["clean"].deps)
+    for name, suite in params.probe.suites.items():
+        assert suite.path in paths(stages["clean"].deps), name
+        for model in params.probe.models:
+            stage = stages[f"probe@{model}"]
+            assert suite.path in paths(stage.deps), (model, name)
+            assert {f"metrics/probe/{name}/{model}.json", f"reports/probe/{name}/{model}.samples.jsonl",
+                    f"reports/probe/{name}/{model}.failures.jsonl"} <= paths(stage.outs), (model, name)
