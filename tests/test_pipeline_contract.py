@@ -47,7 +47,7 @@ def instruction(word: str, number: int) -> str:
 
 CONTRACT_PARAMS = {
     "task": "generic",
-    "paths": {"schema_file": "data/tiny/answer.schema.json", "dev_suite": "data/tiny/natural_suite.jsonl"},
+    "paths": {"schema_file": "data/tiny/answer.schema.json", "dev_suite": "data/tiny/dev_suite.jsonl"},
     "probe": {"suites": {"heldout": {"path": "data/tiny/probe_suite.jsonl", "limit": None},
                          "natural": {"path": "data/tiny/natural_suite.jsonl", "limit": None}}},
     "generate": {"sources": {"template": {"enabled": False},
@@ -75,6 +75,8 @@ def write_contract_data(root: Path, probe_numbers: range = PROBE_NUMBERS) -> Non
     # the same requests as people type them: lower case, no full stop
     natural = [{**s, "id": f"n{s['id']}", "instruction": s["instruction"].lower().rstrip(".")} for s in suite]
     (root / suites["natural"]["path"]).write_text("".join(json.dumps(s) + "\n" for s in natural))
+    dev = [{**s, "id": f"d{s['id']}", "instruction": f"quick one: {s['instruction']}"} for s in suite[:4]]
+    (root / CONTRACT_PARAMS["paths"]["dev_suite"]).write_text("".join(json.dumps(s) + "\n" for s in dev))
 
 
 CONTRACT_OVERRIDES = {

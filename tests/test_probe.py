@@ -401,6 +401,9 @@ def test_suite_names_and_limits_are_checked():
         ({"Held Out": {"path": "x.jsonl"}}, "suite name 'Held Out'"),
         ({"heldout": {"path": "x.jsonl", "limit": 0}}, "probe.suites.heldout.limit"),
         ({"heldout": {"limit": 3}}, "probe.suites.heldout.path"),
+        ({"dev": {"path": "data/seed/./dev_suite.jsonl"}}, "probe.suites.dev.path: .* is paths.dev_suite, which is for "
+                                                           "tuning only"),
     ):
         with pytest.raises(ParamsError, match=message):
             parse_params({"probe": {"suites": suites}})
+    assert parse_params({"paths": {"dev_suite": None}, "probe": {"suites": {"dev": {"path": "data/seed/dev_suite.jsonl"}}}})

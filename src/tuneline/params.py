@@ -409,6 +409,13 @@ class Params(Section):
             for name in pair:
                 if name not in names:
                     problems.append(f"compare.pairs[{i}]: {name!r} is not a probe model (allowed: {sorted(names)})")
+        dev = self.paths.dev_suite
+        for name, suite in self.probe.suites.items():
+            if dev and os.path.normpath(suite.path) == os.path.normpath(dev):
+                problems.append(
+                    f"probe.suites.{name}.path: {suite.path!r} is paths.dev_suite, which is for tuning only and never "
+                    "probed for results (allowed: another suite file; or set paths.dev_suite to another file or null)"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
