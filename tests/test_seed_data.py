@@ -18,7 +18,12 @@ from tuneline.datagen.probe_suite import (
     load_natural_phrasings,
     register_of,
 )
-from tuneline.datagen.travel import PAYLOAD_TYPES, load_destinations, load_phrasings
+from tuneline.datagen.travel import (
+    PAYLOAD_TYPES,
+    load_destinations,
+    load_phrasings,
+    template_examples,
+)
 from tuneline.records import read_jsonl
 
 SEED = Path(__file__).resolve().parents[1] / "data" / "seed"
@@ -226,6 +231,8 @@ def test_dev_suite_is_reproducible_and_on_its_own_destinations(
     assert not dev_places & probed
     gold = read_jsonl(SEED / "gold.jsonl")
     assert not dev_places & {g["destination"] for g in gold}  # never a teacher's shot
+    trained = {e.destination for e in template_examples(destinations, probe_phrasings, seed=0, variants=1)}
+    assert trained and not dev_places & trained  # the template generator takes split: train only
     assert Counter(r["meta"]["style"] for r in dev) == {"heldout": 25, "natural": 25}
     assert {r["meta"]["register"] for r in dev} == {"casual", "formal"}
     assert set(Counter(r["expect"]["payload_type"] for r in dev[:25]).values()) == {5}
