@@ -162,6 +162,10 @@ def test_every_stage_reads_only_the_params_dvc_yaml_declares(project: Path, monk
     reads = trace_stages(project, monkeypatch)
     assert "probe.merge_adapter" in reads["probe@sft"] and "sft.lora.r" in reads["sft"]
     assert "probe.models.sft" in reads["probe@sft"] and "probe.models.dpo" not in reads["probe@sft"]
+    # clean reads each suite's path (training must not see it), never a limit (a limit re-runs no training)
+    assert {"probe.suites.heldout.path", "probe.suites.natural.path", "paths.dev_suite"} <= reads["clean"]
+    assert not {r for r in reads["clean"] if r.endswith(".limit")}
+    assert "probe.suites.natural.limit" in reads["probe@sft"]
     assert undeclared(project, reads) == {"clean": ["dpo.beta"]}
 
     # a declaration removed from dvc.yaml is caught too
@@ -184,7 +188,9 @@ def test_trace_params_records_fields_sections_and_copies():
         copy = params.model.model_copy(update={"format": "completion"})
         assert copy.format == "completion" and copy.dtype
         params.dpo.model_dump()
-    assert reads == {"seed", "sft.lora.r", "probe.models.sft", "model.dtype", "dpo"}
+        assert [suite.path for suite in params.probe.suites.values()]  # named sections: each one's reads
+    assert reads == {"seed", "sft.lora.r", "probe.models.sft", "model.dtype", "dpo", "probe.suites.heldout.path",
+                     "probe.suites.natural.path"}
     assert params.seed == 0 and "__getattribute__" not in type(params).__dict__
     files = ["models/base", "metrics/clean.json"]
     assert dag.undeclared_params(

@@ -52,7 +52,7 @@ def guide(loaded, contract):
 def _documents():
     gold = [json.loads(line)["completion"] for line in GOLD.read_text(encoding="utf-8").splitlines() if line.strip()]
     outputs = []
-    for path in sorted((REPO / "reports" / "probe").glob("*.samples.jsonl")):
+    for path in sorted((REPO / "reports" / "probe").glob("*/*.samples.jsonl")):
         for sample in read_jsonl(path):
             try:
                 outputs.append(json.loads(sample["output"]))
