@@ -26,6 +26,8 @@ SEED = REPO / "data" / "seed"
 CONTRACT = load_contract(SEED / "contract.schema.json")
 GOLD = read_jsonl(SEED / "gold.jsonl")
 PROBE = read_jsonl(SEED / "probe_suite.jsonl")
+NATURAL = read_jsonl(SEED / "natural_suite.jsonl")
+DEV = read_jsonl(SEED / "dev_suite.jsonl")
 
 
 def params_for(
@@ -35,12 +37,15 @@ def params_for(
         "paths": {
             "seed_dir": str(SEED),
             "schema_file": str(SEED / "contract.schema.json"),
-            "probe_suite": str(SEED / "probe_suite.jsonl"),
+            "dev_suite": str(SEED / "dev_suite.jsonl"),
             "generated": str(tmp_path / "generated"),
             "clean": str(tmp_path / "clean"),
             "metrics": str(tmp_path / "metrics"),
+            "reports": str(tmp_path / "reports"),
             "base_model": str(model_dir),
         },
+        "probe": {"suites": {"heldout": {"path": str(SEED / "probe_suite.jsonl")},
+                             "natural": {"path": str(SEED / "natural_suite.jsonl")}}},
         "clean": {"min_kept": 1, "max_rejected_fraction": 0.95, **(clean_section or {})},
         "sft": {"max_seq_len": 2048},
         **extra,
@@ -277,6 +282,47 @@ def test_missing_inputs_are_input_errors(tmp_path, tiny_model_dir):
     (tmp_path / "generated" / "sft.jsonl").write_text('{"id": "x", "prompt": "p"}\n', encoding="utf-8")
     with pytest.raises(InputError, match=r"sft\.jsonl:1: missing required field 'completion'"):
         clean.run(params_for(tmp_path, tiny_model_dir))
+
+
+def held_out_leaks() -> list[dict[str, Any]]:
+    """Gold records that pass, and records leaking the natural and the development suites."""
+    f = fresh(4)
+    dev_place = copy.deepcopy(f[1]["completion"])
+    dev_place["payload"]["days"][0]["activities"].append("A side trip to Cairo")
+    return [record(f"good-{i}", x) for i, x in enumerate(GOLD)] + [
+        record("natural-exact", f[0], instruction=NATURAL[7]["instruction"]),
+        record("natural-near", f[2], instruction="Hi! " + NATURAL[20]["instruction"]),
+        record("dev-exact", f[3], instruction=DEV[0]["instruction"]),
+        record("dev-destination", f[1], completion=dev_place),
+    ]
+
+
+def test_every_held_out_suite_and_the_dev_suite_are_kept_out_of_training(tmp_path, tiny_model_dir):
+    metrics = run_planted(tmp_path, tiny_model_dir, held_out_leaks())
+    rejected = {r["id"]: r for r in read_jsonl(tmp_path / "clean" / "rejected.jsonl")}
+    assert {rid: r["reason"] for rid, r in rejected.items()} == {
+        "natural-exact": "probe_leak", "natural-near": "probe_leak", "dev-exact": "probe_leak",
+        "dev-destination": "probe_destination",
+    }
+    assert rejected["natural-exact"]["detail"] == {"probe_id": NATURAL[7]["id"], "match": "exact"}
+    assert rejected["natural-near"]["detail"]["probe_id"] == NATURAL[20]["id"]
+    assert rejected["dev-exact"]["detail"]["probe_id"] == DEV[0]["id"]
+    assert rejected["dev-destination"]["detail"] == {"destination": "Cairo"}
+    assert metrics["leakage_hits"] == 4
+
+
+def test_a_suite_left_out_of_the_params_is_not_held_out(tmp_path, tiny_model_dir):
+    """What clean keeps out is what the params name: without the development suite its
+    prompts and destinations pass; without the natural suite its prompts are no longer
+    prompt leaks, yet still name the held-out suite's destinations."""
+    metrics = run_planted(tmp_path, tiny_model_dir, held_out_leaks(), paths={
+        "seed_dir": str(SEED), "schema_file": str(SEED / "contract.schema.json"), "dev_suite": None,
+        "generated": str(tmp_path / "generated"), "clean": str(tmp_path / "clean"),
+        "metrics": str(tmp_path / "metrics"), "reports": str(tmp_path / "reports"), "base_model": str(tiny_model_dir),
+    }, probe={"suites": {"heldout": {"path": str(SEED / "probe_suite.jsonl")}}})
+    rejected = {r["id"]: r["reason"] for r in read_jsonl(tmp_path / "clean" / "rejected.jsonl")}
+    assert rejected == {"natural-exact": "probe_destination", "natural-near": "probe_destination"}
+    assert metrics["kept"] == len(GOLD) + 2
 
 
 def test_probe_destinations_allowed_when_not_excluded(tmp_path, tiny_model_dir):

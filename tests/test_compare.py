@@ -10,6 +10,7 @@ from tuneline.stages import compare
 
 SUITE_SHA = "a" * 64
 CONTRACT_SHA = "c" * 64
+ONE_SUITE = {"heldout": {"path": "data/seed/probe_suite.jsonl"}}
 
 
 def outcomes(n, **ones):
@@ -18,9 +19,10 @@ def outcomes(n, **ones):
     return {name: [i in ones.get(name, ()) for i in range(n)] for name in names}
 
 
-def write_run(tmp_path, model, flags, *, suite=SUITE_SHA, ids=None, legacy=False):
-    """A probe run in the probe's layout: rates in metrics, hashes in the run record,
-    failures grouped by cause (``legacy``: the hashes in metrics, as older revisions had)."""
+def write_run(tmp_path, model, flags, *, suite=SUITE_SHA, ids=None, legacy=False, name="heldout"):
+    """A probe run on suite ``name`` in the probe's layout: rates in metrics, hashes in the
+    model's run record (the suite's under ``suites.<name>``), failures grouped by cause
+    (``legacy``: the hashes in metrics, as older revisions had)."""
     n = len(flags["parsed"])
     ids = ids or [f"q{i:03d}" for i in range(n)]
     samples = [
@@ -34,15 +36,18 @@ def write_run(tmp_path, model, flags, *, suite=SUITE_SHA, ids=None, legacy=False
         }
         for i in range(n)
     ]
-    write_jsonl(tmp_path / "reports" / "probe" / f"{model}.samples.jsonl", samples)
+    write_jsonl(tmp_path / "reports" / "probe" / name / f"{model}.samples.jsonl", samples)
     failed = [ids[i] for i in range(n) if not flags["valid"][i]]
     groups = [{"id": "invalid_json", "cause": "invalid_json", "count": len(failed), "ids": failed,
                "examples": [{"id": failed[0], "output": f"<{model} said> not json"}]}] if failed else []
-    write_jsonl(tmp_path / "reports" / "probe" / f"{model}.failures.jsonl", groups)
+    write_jsonl(tmp_path / "reports" / "probe" / name / f"{model}.failures.jsonl", groups)
     hashes = {"suite_sha256": suite, "contract_sha256": CONTRACT_SHA}
-    write_json(tmp_path / "metrics" / "probe" / f"{model}.json", {"n": n, **(hashes if legacy else {})})
+    write_json(tmp_path / "metrics" / "probe" / name / f"{model}.json", {"n": n, **(hashes if legacy else {})})
     if not legacy:
-        write_json(tmp_path / "reports" / "provenance" / "probe" / f"{model}.json", {"model": model, **hashes})
+        path = tmp_path / "reports" / "provenance" / "probe" / f"{model}.json"
+        record = read_json(path) if path.is_file() else {"model": model, "contract_sha256": CONTRACT_SHA, "suites": {}}
+        record["suites"][name] = {"suite_sha256": suite}
+        write_json(path, record)
 
 
 def params_for(tmp_path, **compare_overrides):
@@ -50,7 +55,7 @@ def params_for(tmp_path, **compare_overrides):
         {
             "seed": 7,
             "paths": {"metrics": str(tmp_path / "metrics"), "reports": str(tmp_path / "reports")},
-            "probe": {"models": {"base": None, "sft": "models/sft", "dpo": "models/dpo"}},
+            "probe": {"models": {"base": None, "sft": "models/sft", "dpo": "models/dpo"}, "suites": ONE_SUITE},
             "compare": {**compare_overrides},
         }
     )
@@ -72,8 +77,9 @@ def three_models(tmp_path, n=60):
 def test_compare_layout_and_known_values(tmp_path):
     three_models(tmp_path)
     metrics = compare.run(params_for(tmp_path))
-    on_disk = read_json(tmp_path / "metrics" / "compare.json")
-    assert on_disk == json.loads(json.dumps(metrics))
+    assert read_json(tmp_path / "metrics" / "compare.json") == json.loads(json.dumps(metrics))
+    assert set(metrics) == {"heldout"}
+    on_disk = read_json(tmp_path / "metrics" / "compare.json")["heldout"]
 
     for model in ("base", "sft", "dpo"):
         for metric in ("parse_rate", "schema_valid_rate", "payload_type_accuracy", "destination_accuracy",
@@ -117,7 +123,7 @@ def test_compare_report_verdicts_power_note_and_plot(tmp_path):
     assert "a lower truncated rate (-16.7 points" in dpo_base and "p = 0.002: better)" in dpo_base
     dpo_sft = next(v for v in verdicts if v.startswith("- **dpo vs sft**"))
     assert "a higher schema valid rate (+25.0 points" in dpo_sft and "p < 0.001: better)" in dpo_sft
-    assert "## Power" in report
+    assert "## heldout: Power" in report
     power = [line for line in report.splitlines() if line.startswith("- sft vs base: ")]
     assert power and power[0].startswith(
         '- sft vs base: "no significant difference" in payload type accuracy, destination accuracy, truncated rate '
@@ -125,7 +131,7 @@ def test_compare_report_verdicts_power_note_and_plot(tmp_path):
     )
     assert "parse rate" not in power[0].split("weak evidence")[0]
     assert "| base | 60 |" in report
-    causes = sections(report)["## Failure causes (count of prompts)"]
+    causes = sections(report)["## heldout: Failure causes (count of prompts)"]
     assert "| model | invalid_json |" in causes and "| base | 40 |" in causes and "| dpo | 17 |" in causes
     assert "![rates with intervals](compare_rates.png)" in report
     png = (tmp_path / "reports" / "compare_rates.png").read_bytes()
@@ -153,13 +159,13 @@ def test_no_power_note_when_n_is_large(tmp_path):
         write_run(tmp_path, model, flags)
     compare.run(params_for(tmp_path))
     report = (tmp_path / "reports" / "compare.md").read_text()
-    assert "## Power" not in report
+    assert "## heldout: Power" not in report
     assert "sft has a higher schema valid rate (+2.5 points" in report
 
 
 def test_compare_refuses_another_models_samples(tmp_path):
     three_models(tmp_path)
-    probe_dir = tmp_path / "reports" / "probe"
+    probe_dir = tmp_path / "reports" / "probe" / "heldout"
     (probe_dir / "dpo.samples.jsonl").write_bytes((probe_dir / "sft.samples.jsonl").read_bytes())
     with pytest.raises(InputError) as caught:
         compare.run(params_for(tmp_path))
@@ -179,7 +185,7 @@ def test_sample_order_does_not_change_anything(tmp_path):
     compare.run(params)
     before = {p: (tmp_path / p).read_bytes() for p in outputs}
     for model in ("dpo", "sft", "base"):
-        path = tmp_path / "reports" / "probe" / f"{model}.samples.jsonl"
+        path = tmp_path / "reports" / "probe" / "heldout" / f"{model}.samples.jsonl"
         lines = path.read_text().splitlines(keepends=True)
         random.Random(model).shuffle(lines)
         path.write_text("".join(lines))
@@ -192,7 +198,7 @@ def test_compare_at_tiny_n(tmp_path, n):
     write_run(tmp_path, "base", outcomes(n))
     write_run(tmp_path, "sft", outcomes(n, parsed=range(n), valid={0}))
     write_run(tmp_path, "dpo", outcomes(n, parsed=range(n), valid={0}))
-    metrics = compare.run(params_for(tmp_path))
+    metrics = compare.run(params_for(tmp_path))["heldout"]
     for name in ("sft_vs_base", "dpo_vs_base", "dpo_vs_sft"):
         for s in metrics[name].values():
             assert -1.0 <= s["ci_low"] <= s["diff"] <= s["ci_high"] <= 1.0 and s["ci_low"] < s["ci_high"]
@@ -203,7 +209,7 @@ def test_compare_at_tiny_n(tmp_path, n):
     assert (same["diff"], same["only_model"], same["only_other"]) == (0.0, 0, 0)
     report = (tmp_path / "reports" / "compare.md").read_text()
     assert (f"- sft vs base: with n = {n} paired prompts no difference can be significant: the exact McNemar "
-            "test needs at least 6 prompts on which the models disagree for p < 0.05. Raise probe.limit.") in report
+            "test needs at least 6 prompts on which the models disagree for p < 0.05. Raise the suite's limit in probe.suites.") in report
     assert "-0.0" not in report
 
 
@@ -224,8 +230,8 @@ def test_compare_refuses_different_prompts(tmp_path):
 
 def test_compare_names_a_missing_probe_run(tmp_path):
     three_models(tmp_path)
-    (tmp_path / "reports" / "probe" / "dpo.samples.jsonl").unlink()
-    with pytest.raises(InputError, match=r"dpo.samples.jsonl: file not found"):
+    (tmp_path / "reports" / "probe" / "heldout" / "dpo.samples.jsonl").unlink()
+    with pytest.raises(InputError, match=r"heldout/dpo.samples.jsonl: file not found"):
         compare.run(params_for(tmp_path))
 
 
@@ -233,7 +239,7 @@ def test_pairs_param_adds_comparisons(tmp_path):
     three_models(tmp_path)
     params = params_for(tmp_path, baseline="sft", pairs=[["dpo", "base"]])
     assert compare.comparisons(params) == [("base", "sft"), ("dpo", "sft"), ("dpo", "base")]
-    metrics = compare.run(params)
+    metrics = compare.run(params)["heldout"]
     assert {"base_vs_sft", "dpo_vs_sft", "dpo_vs_base"} <= set(metrics)
     assert "sft_vs_base" not in metrics
 
@@ -243,11 +249,11 @@ def test_single_model_report_has_rates_only(tmp_path):
     params = parse_params(
         {
             "paths": {"metrics": str(tmp_path / "metrics"), "reports": str(tmp_path / "reports")},
-            "probe": {"models": {"base": None}},
+            "probe": {"models": {"base": None}, "suites": ONE_SUITE},
             "compare": {"pairs": []},
         }
     )
-    metrics = compare.run(params)
+    metrics = compare.run(params)["heldout"]
     assert set(metrics) == {"base", "suite_sha256", "contract_sha256"}
     report = (tmp_path / "reports" / "compare.md").read_text()
     assert "Nothing to compare" in report and "Paired differences" not in report
@@ -277,6 +283,12 @@ def test_committed_report_is_what_compare_makes_from_the_committed_probe_outputs
     data = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
     data["paths"] = {**data.get("paths", {}), "metrics": str(tmp_path / "metrics"),
                      "reports": str(tmp_path / "reports")}
+    # the models and suites the committed probe outputs cover
+    probed = repo / "metrics" / "probe"
+    data["probe"]["suites"] = {s: v for s, v in data["probe"]["suites"].items() if (probed / s).is_dir()}
+    data["probe"]["models"] = {m: v for m, v in data["probe"]["models"].items()
+                               if all((probed / s / f"{m}.json").is_file() for s in data["probe"]["suites"])}
+    assert data["probe"]["suites"] and len(data["probe"]["models"]) >= 2
     shutil.copytree(repo / "metrics" / "probe", tmp_path / "metrics" / "probe")
     shutil.copytree(repo / "reports" / "probe", tmp_path / "reports" / "probe")
     shutil.copytree(repo / "reports" / "provenance" / "probe", tmp_path / "reports" / "provenance" / "probe")
@@ -289,10 +301,10 @@ def test_committed_report_is_what_compare_makes_from_the_committed_probe_outputs
     assert made == committed
     for name in ("compare_rates.json", "index.html"):
         assert (tmp_path / "reports" / name).read_text() == (repo / "reports" / name).read_text(), name
-    for key, value in committed.items():
+    for suite, key, value in [(suite, k, v) for suite, section in committed.items() for k, v in section.items()]:
         if "_vs_" not in key:
             continue
-        rates = made[key.split("_vs_")[0]]
+        rates = made[suite][key.split("_vs_")[0]]
         for metric, s in value.items():
             n, only_model, only_other = s["n"], s["only_model"], s["only_other"]
             both = rates[metric]["k"] - only_model
@@ -304,9 +316,9 @@ def test_committed_report_is_what_compare_makes_from_the_committed_probe_outputs
 def test_failure_causes_missing_on_one_side_are_zero_and_ok_is_not_a_cause(tmp_path):
     three_models(tmp_path)
     groups = [{"id": "truncated", "cause": "truncated", "count": 2, "ids": ["q001", "q002"], "examples": []}]
-    write_jsonl(tmp_path / "reports" / "probe" / "sft.failures.jsonl", groups)
+    write_jsonl(tmp_path / "reports" / "probe" / "heldout" / "sft.failures.jsonl", groups)
     compare.run(params_for(tmp_path))
-    causes = sections((tmp_path / "reports" / "compare.md").read_text())["## Failure causes (count of prompts)"]
+    causes = sections((tmp_path / "reports" / "compare.md").read_text())["## heldout: Failure causes (count of prompts)"]
     assert "| model | invalid_json | truncated |" in causes
     assert "| base | 40 | 0 |" in causes and "| sft | 0 | 2 |" in causes and "| dpo | 17 | 0 |" in causes
     assert "ok" not in " ".join(causes)
@@ -317,8 +329,9 @@ def test_hashes_in_legacy_metrics_are_still_read(tmp_path):
     write_run(tmp_path, "base", outcomes(10, parsed=range(5), valid=range(3)), legacy=True)
     write_run(tmp_path, "sft", outcomes(10, parsed=range(9), valid=range(8)), legacy=True)
     params = parse_params({"paths": {"metrics": str(tmp_path / "metrics"), "reports": str(tmp_path / "reports")},
-                           "probe": {"models": {"base": None, "sft": "models/sft"}}, "compare": {"pairs": []}})
-    assert compare.run(params)["suite_sha256"] == SUITE_SHA
+                           "probe": {"models": {"base": None, "sft": "models/sft"}, "suites": ONE_SUITE},
+                           "compare": {"pairs": []}})
+    assert compare.run(params)["heldout"]["suite_sha256"] == SUITE_SHA
 
 
 def test_compare_writes_rate_plot_data_run_record_and_a_self_contained_page(tmp_path):
@@ -334,14 +347,14 @@ def test_compare_writes_rate_plot_data_run_record_and_a_self_contained_page(tmp_
     record = read_json(tmp_path / "reports" / "provenance" / "compare.json")
     assert record["stage"] == "compare" and "git" in record and record["confidence"] == 0.95
     rows = read_json(tmp_path / "reports" / "compare_rates.json")
-    assert len(rows) == 3 * 5 and {"model", "outcome", "rate", "ci_low", "ci_high"} == set(rows[0])
+    assert len(rows) == 3 * 5 and {"suite", "model", "outcome", "rate", "ci_low", "ci_high"} == set(rows[0])
     assert {(r["model"], r["outcome"]): r["rate"] for r in rows}[("dpo", "parse rate")] == 1.0
     page = (tmp_path / "reports" / "index.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page.replace(
         'xmlns="http://www.w3.org/2000/svg"', "")
     assert page.count("<svg") == 2  # rates; sft losses (dpo has no log here)
     assert "sft train" in page and "sft eval" in page and "optimizer_steps" in page
-    assert 'href="probe/base.samples.jsonl"' in page and "&lt;dpo said&gt; not json" in page
+    assert 'href="probe/heldout/base.samples.jsonl"' in page and "&lt;dpo said&gt; not json" in page
     assert "<td>base</td><td class=\"num\">40</td>" in page  # the failure cause table
     first = page
     compare.run(params)
@@ -371,3 +384,37 @@ def test_a_guided_row_is_paired_with_its_free_row_and_its_decode_time_shown_besi
                            "dpo+guided": {"generation_s": 100.0, "tokens_per_s": 42.0, "mean_new_tokens": 70.0}})
     assert "| dpo+guided | 100.0 | 42.0 | 70.0 | 1.25x the time |" in lines
     assert "| dpo | 80.0 | 50.0 | 70.0 | — |" in lines
+
+
+def test_every_suite_is_compared_on_its_own(tmp_path):
+    """Two suites: compare.json, compare.md, the plot data and the page have each suite's
+    rates, differences and verdicts; a suite of other prompts and hash is no conflict."""
+    three_models(tmp_path)
+    for model, valid in (("base", range(2)), ("sft", range(10)), ("dpo", range(12))):
+        write_run(tmp_path, model, outcomes(12, parsed=range(12), valid=valid), name="natural", suite="d" * 64,
+                  ids=[f"natural-{i}" for i in range(12)])
+    params = parse_params({
+        "paths": {"metrics": str(tmp_path / "metrics"), "reports": str(tmp_path / "reports")},
+        "probe": {"models": {"base": None, "sft": "models/sft", "dpo": "models/dpo"},
+                  "suites": {**ONE_SUITE, "natural": {"path": "data/seed/natural_suite.jsonl", "limit": 12}}},
+    })
+    metrics = compare.run(params)
+    assert list(metrics) == ["heldout", "natural"]
+    assert metrics["natural"]["suite_sha256"] == "d" * 64 and metrics["heldout"]["suite_sha256"] == SUITE_SHA
+    assert metrics["natural"]["sft_vs_base"]["schema_valid_rate"]["n"] == 12
+    assert metrics["heldout"]["sft_vs_base"]["schema_valid_rate"]["n"] == 60
+    report = (tmp_path / "reports" / "compare.md").read_text()
+    for suite in ("heldout", "natural"):
+        assert f"# Suite `{suite}`" in report and f"## {suite}: Verdicts" in report
+        assert f"## {suite}: Rates (95% Wilson interval)" in report
+    natural = report.split("# Suite `natural`")[1]
+    assert "| base | 12 | 100.0% [" in natural and "sft has a higher schema valid rate (+66.7 points" in natural
+    rows = read_json(tmp_path / "reports" / "compare_rates.json")
+    assert {r["suite"] for r in rows} == {"heldout", "natural"} and len(rows) == 2 * 3 * 5
+    page = (tmp_path / "reports" / "index.html").read_text()
+    assert 'id="suite-natural"' in page and 'href="probe/natural/dpo.samples.jsonl"' in page
+    assert page.count("<svg") == 2  # rates per suite; no loss log here
+
+    (tmp_path / "reports" / "probe" / "natural" / "dpo.samples.jsonl").unlink()
+    with pytest.raises(InputError, match=r"natural/dpo.samples.jsonl: file not found"):
+        compare.run(params)

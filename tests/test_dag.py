@@ -23,6 +23,7 @@ from test_pipeline_e2e import TINY_OVERRIDES, make_project, ran_stages
 from tuneline import dag
 
 CODE = "src/tuneline"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -161,6 +162,10 @@ def test_every_stage_reads_only_the_params_dvc_yaml_declares(project: Path, monk
     reads = trace_stages(project, monkeypatch)
     assert "probe.merge_adapter" in reads["probe@sft"] and "sft.lora.r" in reads["sft"]
     assert "probe.models.sft" in reads["probe@sft"] and "probe.models.dpo" not in reads["probe@sft"]
+    # clean reads each suite's path (training must not see it), never a limit (a limit re-runs no training)
+    assert {"probe.suites.heldout.path", "probe.suites.natural.path", "paths.dev_suite"} <= reads["clean"]
+    assert not {r for r in reads["clean"] if r.endswith(".limit")}
+    assert "probe.suites.natural.limit" in reads["probe@sft"]
     assert undeclared(project, reads) == {"clean": ["dpo.beta"]}
 
     # a declaration removed from dvc.yaml is caught too
@@ -183,7 +188,9 @@ def test_trace_params_records_fields_sections_and_copies():
         copy = params.model.model_copy(update={"format": "completion"})
         assert copy.format == "completion" and copy.dtype
         params.dpo.model_dump()
-    assert reads == {"seed", "sft.lora.r", "probe.models.sft", "model.dtype", "dpo"}
+        assert [suite.path for suite in params.probe.suites.values()]  # named sections: each one's reads
+    assert reads == {"seed", "sft.lora.r", "probe.models.sft", "model.dtype", "dpo", "probe.suites.heldout.path",
+                     "probe.suites.natural.path"}
     assert params.seed == 0 and "__getattribute__" not in type(params).__dict__
     files = ["models/base", "metrics/clean.json"]
     assert dag.undeclared_params(
@@ -212,3 +219,25 @@ def test_a_code_change_that_keeps_the_outputs_reruns_only_that_stage(project: Pa
     data = [[o for o in lock["clean"]["outs"] if o["path"] == "data/clean"] for lock in (old, new)]
     assert data[0] and data[0] == data[1]  # ... its data output's hash did not (metrics stamp git state)
     assert old["sft"] == new["sft"]
+
+
+def test_dvc_yaml_declares_every_suite_of_the_params():
+    """Each suite of probe.suites is a dep of clean and of every probe stage, and every
+    probe stage writes its metrics, samples and failures; the development suite is a dep
+    of clean. dvc.yaml lists suites by name, so a suite added to params.yaml needs it."""
+    from dvc.repo import Repo
+
+    from tuneline.params import load_params
+
+    params = load_params(REPO / "params.yaml")
+    with Repo(str(REPO)) as repo:
+        stages = {s.addressing.split(":")[-1]: s for s in repo.index.stages}
+    paths = lambda entries: {Path(e.def_path).as_posix() for e in entries}  # noqa: E731
+    assert params.paths.dev_suite in paths(stages["clean"].deps)
+    for name, suite in params.probe.suites.items():
+        assert suite.path in paths(stages["clean"].deps), name
+        for model in params.probe.models:
+            stage = stages[f"probe@{model}"]
+            assert suite.path in paths(stage.deps), (model, name)
+            assert {f"metrics/probe/{name}/{model}.json", f"reports/probe/{name}/{model}.samples.jsonl",
+                    f"reports/probe/{name}/{model}.failures.jsonl"} <= paths(stage.outs), (model, name)

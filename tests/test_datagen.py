@@ -14,7 +14,7 @@ from tuneline.datagen import imports, probe_suite, teacher, travel
 from tuneline.errors import InputError
 from tuneline.params import parse_params
 from tuneline.prompting import INSTRUCTION_HEADER
-from tuneline.records import RecordError, read_jsonl
+from tuneline.records import RecordError
 
 SEED = Path(__file__).resolve().parents[1] / "data" / "seed"
 
@@ -115,6 +115,6 @@ def test_probe_suite_uses_only_held_out_destinations_and_is_stratified(kb, tmp_p
     assert {(s["expect"]["payload.destination"], s["expect"]["payload_type"]) for s in first} == {
         (d, t) for d in held_out for t in travel.PAYLOAD_TYPES
     }
-    out = tmp_path / "suite.jsonl"
-    probe_suite.main(["--seed-dir", str(SEED), "--out", str(out)])
-    assert read_jsonl(out) == read_jsonl(SEED / "probe_suite.jsonl")  # the committed suite is reproducible
+    probe_suite.main(["--seed-dir", str(SEED), "--out-dir", str(tmp_path)])
+    for name in ("probe_suite.jsonl", "natural_suite.jsonl", "dev_suite.jsonl"):  # the committed suites are reproducible
+        assert (tmp_path / name).read_bytes() == (SEED / name).read_bytes(), name

@@ -21,7 +21,9 @@ def sh(repo, *cmd):
     return subprocess.run(cmd, cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
-def write_probe(repo, model, valid, *, suite=SUITE):
+def write_probe(repo, model, valid, *, suite=SUITE, name="heldout", legacy=False):
+    """One model's probe on suite ``name`` in the probe's layout (hashes in the run record;
+    ``legacy``: the flat layout of one suite per probe, hashes in the metrics)."""
     samples = [
         {
             "id": f"probe-{i:02d}",
@@ -33,9 +35,17 @@ def write_probe(repo, model, valid, *, suite=SUITE):
         }
         for i in range(N)
     ]
-    write_jsonl(repo / "reports" / "probe" / f"{model}.samples.jsonl", samples)
-    write_json(repo / "metrics" / "probe" / f"{model}.json",
-               {"n": N, "suite_sha256": suite, "contract_sha256": CONTRACT})
+    if legacy:
+        write_jsonl(repo / "reports" / "probe" / f"{model}.samples.jsonl", samples)
+        write_json(repo / "metrics" / "probe" / f"{model}.json",
+                   {"n": N, "suite_sha256": suite, "contract_sha256": CONTRACT})
+        return
+    write_jsonl(repo / "reports" / "probe" / name / f"{model}.samples.jsonl", samples)
+    write_json(repo / "metrics" / "probe" / name / f"{model}.json", {"n": N})
+    path = repo / "reports" / "provenance" / "probe" / f"{model}.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"contract_sha256": CONTRACT, "suites": {}}
+    record["suites"][name] = {"suite_sha256": suite}
+    write_json(path, record)
 
 
 def commit(repo, message):
@@ -64,25 +74,26 @@ def repo(tmp_path):
 def test_diff_two_commits(repo):
     result = diff(repo, "v1", "HEAD", PARAMS)
     assert result["a"]["rev"] == "v1" and result["b"]["sha"] == sh(repo, "git", "rev-parse", "HEAD").strip()
-    assert result["suite_sha256"] == SUITE and result["contract_sha256"] == CONTRACT
-    sft = result["models"]["sft"]["schema_valid_rate"]
+    heldout = result["suites"]["heldout"]
+    assert heldout["suite_sha256"] == SUITE and heldout["contract_sha256"] == CONTRACT
+    sft = heldout["models"]["sft"]["schema_valid_rate"]
     assert (sft["rate_a"], sft["rate_b"]) == (0.5, 0.75)
     assert (sft["only_a"], sft["only_b"], sft["n"]) == (2, 12, N)
     assert sft["diff"] == pytest.approx(0.25)
     assert sft["p_value"] == pytest.approx(stats.mcnemar_exact(12, 2), rel=1e-5)
     _, low, high = stats.newcombe_paired(18, 12, 2, 8)  # both 18, only B 12, only A 2, neither 8
     assert (sft["ci_low"], sft["ci_high"]) == (pytest.approx(low, abs=1e-6), pytest.approx(high, abs=1e-6))
-    base = result["models"]["base"]["schema_valid_rate"]
+    base = heldout["models"]["base"]["schema_valid_rate"]
     assert (base["diff"], base["p_value"]) == (0.0, 1.0)
-    assert set(result["models"]["sft"]) == {
+    assert set(heldout["models"]["sft"]) == {
         "parse_rate", "schema_valid_rate", "destination_accuracy", "truncated_rate",
     }
     # reversed order flips the sign and swaps the discordant counts
-    back = diff(repo, "HEAD", "v1", PARAMS)["models"]["sft"]["schema_valid_rate"]
+    back = diff(repo, "HEAD", "v1", PARAMS)["suites"]["heldout"]["models"]["sft"]["schema_valid_rate"]
     assert back["diff"] == pytest.approx(-0.25) and (back["only_a"], back["only_b"]) == (12, 2)
     assert json.loads(to_json(result)) == json.loads(json.dumps(result))
     md = to_markdown(result)
-    assert "| sft | schema valid rate | 50.0% | 75.0% | +25.0 |" in md
+    assert "| heldout | sft | schema valid rate | 50.0% | 75.0% | +25.0 |" in md
     assert "A = v1" in md
 
 
@@ -91,11 +102,11 @@ def test_diff_dvc_experiment_and_workspace(repo):
     sh(repo, sys.executable, "-m", "dvc", "exp", "save", "-q", "-n", "v3")
     result = diff(repo, "HEAD", "v3", PARAMS)
     assert result["b"]["sha"] != sh(repo, "git", "rev-parse", "HEAD").strip()
-    assert result["models"]["sft"]["schema_valid_rate"]["diff"] == pytest.approx(6 / N)
+    assert result["suites"]["heldout"]["models"]["sft"]["schema_valid_rate"]["diff"] == pytest.approx(6 / N)
     write_probe(repo, "sft", set(range(4)))
     ws = diff(repo, "v3", "workspace", PARAMS)
     assert ws["b"]["sha"] is None
-    assert ws["models"]["sft"]["schema_valid_rate"]["diff"] == pytest.approx(-32 / N)
+    assert ws["suites"]["heldout"]["models"]["sft"]["schema_valid_rate"]["diff"] == pytest.approx(-32 / N)
 
 
 def test_diff_refuses_different_suites(repo):
@@ -125,7 +136,7 @@ def test_diff_cli_formats(repo):
         cwd=repo, capture_output=True, text=True, check=True,
     )
     data = json.loads(as_json.stdout)
-    assert data["models"]["sft"]["schema_valid_rate"]["only_b"] == 12
+    assert data["suites"]["heldout"]["models"]["sft"]["schema_valid_rate"]["only_b"] == 12
     table = subprocess.run(
         [sys.executable, "-m", "tuneline.cli", "diff", "v1", "HEAD"],
         cwd=repo, capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "160"},
@@ -138,7 +149,7 @@ def test_diff_table_fits_80_columns_and_never_prints_negative_zero(repo):
 
     result = diff(repo, "v1", "HEAD", PARAMS)
     # a zero difference whose interval bound rounds to zero from below
-    result["models"]["base"]["parse_rate"].update(diff=-0.0, ci_low=-0.0004, ci_high=0.0003)
+    result["suites"]["heldout"]["models"]["base"]["parse_rate"].update(diff=-0.0, ci_low=-0.0004, ci_high=0.0003)
     console = Console(width=80, record=True, color_system=None)
     console.print(table(result))
     text = console.export_text()
@@ -149,8 +160,8 @@ def test_diff_table_fits_80_columns_and_never_prints_negative_zero(repo):
     sft_row = next(line for line in lines if line.split()[:2] == ["schema", "valid"] and "75.0" in line)
     assert sft_row.split() == ["schema", "valid", "50.0", "75.0", "+25.0", *f"[{stats_interval(result)}]".split(),
                                "0.013", "2/12"]
-    assert any(line.strip() == "sft" for line in lines) and any(line.strip() == "base" for line in lines)
-    assert [row[4] for row in rows(result) if row[:2] == ("base", "parse rate")] == ["+0.0"]
+    assert any(line.strip() == "heldout: sft" for line in lines) and any(line.strip() == "heldout: base" for line in lines)
+    assert [row[5] for row in rows(result) if row[:3] == ("heldout", "base", "parse rate")] == ["+0.0"]
     cli = subprocess.run(
         [sys.executable, "-m", "tuneline.cli", "diff", "v1", "HEAD"],
         cwd=repo, capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "80"},
@@ -160,23 +171,54 @@ def test_diff_table_fits_80_columns_and_never_prints_negative_zero(repo):
 
 
 def stats_interval(result):
-    s = result["models"]["sft"]["schema_valid_rate"]
+    s = result["suites"]["heldout"]["models"]["sft"]["schema_valid_rate"]
     return f"{s['ci_low'] * 100:+.1f}, {s['ci_high'] * 100:+.1f}"
 
 
 def test_diff_pairs_the_outcomes_both_versions_score(repo):
     """A version whose probe scores a new outcome still diffs against an older one: the
     shared outcomes are paired, the new one is named as scored in one version only."""
-    samples = [json.loads(line) for line in (repo / "reports/probe/sft.samples.jsonl").read_text().splitlines()]
+    path = repo / "reports" / "probe" / "heldout" / "sft.samples.jsonl"
+    samples = [json.loads(line) for line in path.read_text().splitlines()]
     for sample in samples:
         sample["checks"]["season"] = True
-    write_jsonl(repo / "reports" / "probe" / "sft.samples.jsonl", samples)
+    write_jsonl(path, samples)
     write_probe(repo, "base", set(range(10)))
     commit(repo, "v3")
     result = diff(repo, "v1", "HEAD", PARAMS)
-    assert set(result["models"]["sft"]) == {
+    heldout = result["suites"]["heldout"]
+    assert set(heldout["models"]["sft"]) == {
         "parse_rate", "schema_valid_rate", "destination_accuracy", "truncated_rate",
     }
-    assert result["models"]["sft"]["schema_valid_rate"]["diff"] == pytest.approx(0.25)
-    assert (result["outcomes_only_in_a"], result["outcomes_only_in_b"]) == ([], ["season_accuracy"])
+    assert heldout["models"]["sft"]["schema_valid_rate"]["diff"] == pytest.approx(0.25)
+    assert (heldout["outcomes_only_in_a"], heldout["outcomes_only_in_b"]) == ([], ["season_accuracy"])
     assert "scored in one version only (not compared): A [], B ['season_accuracy']" in to_markdown(result)
+
+
+def test_diff_compares_each_suite_on_its_own(repo):
+    """A second suite: diffed on its own prompts and hash; a suite in one version only is
+    listed, not compared; a flat older layout is read as the first suite of probe.suites."""
+    for model, valid in (("base", set(range(5))), ("sft", set(range(8)))):
+        write_probe(repo, model, valid, suite="7" * 64, name="natural")
+    commit(repo, "natural v1")
+    sh(repo, "git", "tag", "n1")
+    write_probe(repo, "sft", set(range(30)), suite="7" * 64, name="natural")
+    commit(repo, "natural v2")
+    result = diff(repo, "n1", "HEAD", PARAMS)
+    assert list(result["suites"]) == ["heldout", "natural"]
+    natural = result["suites"]["natural"]
+    assert natural["suite_sha256"] == "7" * 64
+    assert natural["models"]["sft"]["schema_valid_rate"]["diff"] == pytest.approx(22 / N)
+    assert result["suites"]["heldout"]["models"]["sft"]["schema_valid_rate"]["diff"] == 0.0
+    assert "| natural | sft | schema valid rate | 20.0% | 75.0% | +55.0 |" in to_markdown(result)
+    only_old = diff(repo, "v1", "HEAD", PARAMS)
+    assert list(only_old["suites"]) == ["heldout"] and only_old["suites_only_in_b"] == ["natural"]
+    assert "Suites not in both: A only [], B only ['natural']" in to_markdown(only_old)
+
+    # an older revision in the flat layout of one suite per probe
+    sh(repo, "git", "rm", "-q", "-r", "metrics", "reports")
+    write_probe(repo, "sft", set(range(20)), legacy=True)
+    commit(repo, "flat layout")
+    flat = diff(repo, "HEAD", "n1", PARAMS)
+    assert list(flat["suites"]) == ["heldout"] and flat["suites_only_in_b"] == ["natural"]
+    assert flat["suites"]["heldout"]["models"]["sft"]["schema_valid_rate"]["diff"] == pytest.approx(0.25)  # v2 - v1

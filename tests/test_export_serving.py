@@ -193,7 +193,7 @@ def test_modelfile_renders_the_training_prompt(tmp_path: Path, tiny_model_dir: P
         )
     card = (out / "README.md").read_text(encoding="utf-8")
     assert card.startswith("---\n") and "license: other" in card and "- gguf" in card
-    assert f"No probe results: `{tmp_path / 'metrics/probe/base.json'}` was not found" in card
+    assert f"No probe results: `{tmp_path / 'metrics/probe/heldout/base.json'}` was not found" in card
     prov = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
     assert prov["export_format"] == "gguf" and prov["merged_adapters"] == []
 
@@ -207,15 +207,18 @@ def test_card_reads_probe_results_and_run_provenance(tmp_path: Path, tiny_model_
     out = tmp_path / "hf"
     export(params, "sft", out, name="sft")
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert f"No probe results: `{tmp_path / 'metrics/probe/sft.json'}` was not found" in card
+    assert f"No probe results: `{tmp_path / 'metrics/probe/heldout/sft.json'}` was not found" in card
     assert "No run provenance:" in card
-    write_json(tmp_path / "metrics/probe/sft.json", {"parse_rate": 0.75, "n": 4})
-    write_json(tmp_path / "reports/provenance/probe/sft.json", {"suite": "s.jsonl", "decoding": {"do_sample": False}})
+    write_json(tmp_path / "metrics/probe/heldout/sft.json", {"parse_rate": 0.75, "n": 4})
+    write_json(tmp_path / "metrics/probe/natural/sft.json", {"parse_rate": 0.5, "n": 2})
+    write_json(tmp_path / "reports/provenance/probe/sft.json",
+               {"suites": {"heldout": {"suite": "s.jsonl"}}, "decoding": {"do_sample": False}})
     write_json(tmp_path / "reports/provenance/sft.json", {"stage": "sft", "git": {"sha": "abc123", "dirty": False}})
     export(params, adapter_dir, out, force=True)
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "| parse_rate | 0.75 |" in card and "git `abc123`" in card and "- sft" in card
-    assert "(suite `s.jsonl`)" in card and '`{"do_sample": false}`' in card  # from the probe's run record
+    assert "| parse_rate | 0.5 |" in card and "(suite natural, `?`)" in card
+    assert "(suite heldout, `s.jsonl`)" in card and '`{"do_sample": false}`' in card  # from the probe's run record
 
 
 def test_export_refuses_bad_out_format_and_architecture(tmp_path: Path, tiny_model_dir: Path, adapter_dir: Path) -> None:

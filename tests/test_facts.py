@@ -161,7 +161,7 @@ def test_a_task_without_knowledge_base_has_no_facts_at_all():
 
 def add_facts(tmp_path, model, facts):
     """Give a written probe run's samples a ``facts`` field (``facts[i]``: None, True or False)."""
-    path = tmp_path / "reports" / "probe" / f"{model}.samples.jsonl"
+    path = tmp_path / "reports" / "probe" / "heldout" / f"{model}.samples.jsonl"
     samples = [json.loads(line) for line in path.read_text().splitlines()]
     for s, f in zip(samples, facts, strict=True):
         s["facts"] = None if f is None else {"checked": 1, "wrong": [] if f else [
@@ -178,7 +178,7 @@ def test_compare_reports_facts_accuracy_over_the_checked_samples(tmp_path):
     add_facts(tmp_path, "base", [None] * 60)
     add_facts(tmp_path, "sft", [i < 5 for i in range(20)] + [None] * 40)
     add_facts(tmp_path, "dpo", [i < 17 for i in range(20)] + [True] * 5 + [False] * 5 + [None] * 30)
-    metrics = compare.run(params_for(tmp_path))
+    metrics = compare.run(params_for(tmp_path))["heldout"]
     assert metrics["base"]["facts_accuracy"] == {"rate": None, "ci_low": None, "ci_high": None, "k": 0, "n": 0}
     assert (metrics["sft"]["facts_accuracy"]["k"], metrics["sft"]["facts_accuracy"]["n"]) == (5, 20)
     assert (metrics["dpo"]["facts_accuracy"]["k"], metrics["dpo"]["facts_accuracy"]["n"]) == (22, 30)
@@ -189,8 +189,7 @@ def test_compare_reports_facts_accuracy_over_the_checked_samples(tmp_path):
     assert "facts accuracy" in md and "n/a (n = 0)" in md and "(n = 20)" in md
     assert "| dpo vs sft | facts accuracy | +60.0 |" in md
     assert "facts accuracy" in (tmp_path / "reports" / "index.html").read_text()
-    run = load_probe_run("sft", *[getattr(output_paths(params_for(tmp_path), "sft"), k)
-                                  for k in ("metrics", "samples", "provenance")])
+    run = load_probe_run("sft", output_paths(params_for(tmp_path), "sft", "heldout"), "heldout")
     assert "facts_accuracy" in run.metric_names
 
 
@@ -217,12 +216,13 @@ def test_diff_pairs_facts_accuracy_over_prompts_checked_in_both(facts_repo):
     from tuneline.diff import diff, short_rows, to_markdown
 
     result = diff(facts_repo, "v1", "HEAD", parse_params({}))
-    facts = result["models"]["sft"]["facts_accuracy"]
+    sft = result["suites"]["heldout"]["models"]["sft"]
+    facts = sft["facts_accuracy"]
     assert (facts["rate_a"], facts["rate_b"]) == (0.4, pytest.approx(14 / 15, abs=1e-6))
     assert (facts["n"], facts["only_a"], facts["only_b"]) == (10, 0, 5)
     assert facts["diff"] == pytest.approx(0.5)
-    assert "| sft | facts accuracy (n=10) | 40.0% | 93.3% | +50.0 |" in to_markdown(result)
-    assert short_rows(result["models"]["sft"])[-1][0] == "facts (n=10)"
+    assert "| heldout | sft | facts accuracy (n=10) | 40.0% | 93.3% | +50.0 |" in to_markdown(result)
+    assert short_rows(sft)[-1][0] == "facts (n=10)"
 
 
 def test_probe_run_refuses_a_malformed_facts_field():

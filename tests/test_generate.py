@@ -28,7 +28,6 @@ def params_for(
         "paths": {
             "seed_dir": str(SEED),
             "schema_file": str(SEED / "contract.schema.json"),
-            "probe_suite": str(SEED / "probe_suite.jsonl"),
             "generated": str(tmp_path / "generated"),
             "metrics": str(tmp_path / "metrics"),
             "base_model": str(tmp_path / "no-base-model"),

@@ -52,7 +52,7 @@ def guide(loaded, contract):
 def _documents():
     gold = [json.loads(line)["completion"] for line in GOLD.read_text(encoding="utf-8").splitlines() if line.strip()]
     outputs = []
-    for path in sorted((REPO / "reports" / "probe").glob("*.samples.jsonl")):
+    for path in sorted((REPO / "reports" / "probe").glob("*/*.samples.jsonl")):
         for sample in read_jsonl(path):
             try:
                 outputs.append(json.loads(sample["output"]))
@@ -204,29 +204,29 @@ def test_probe_guided_row_writes_its_own_outputs_and_names_the_guide(tmp_path, t
     )
     params = parse_params(
         {
-            "paths": {"base_model": str(tiny_model_dir), "schema_file": str(SCHEMA), "probe_suite": str(suite),
+            "paths": {"base_model": str(tiny_model_dir), "schema_file": str(SCHEMA), "dev_suite": None,
                       "seed_dir": str(REPO / "data" / "seed"),
                       "metrics": "metrics", "reports": "reports"},
             "model": {"device": "cpu", "dtype": "float32"},
             "probe": {"models": {"base": str(tiny_model_dir), "base+guided": str(tiny_model_dir)},
-                      "limit": None, "batch_size": 2, "max_new_tokens": 12},
+                      "suites": {"heldout": {"path": str(suite)}}, "batch_size": 2, "max_new_tokens": 12},
             "compare": {"pairs": []},
         }
     )
     free = probe.run(params, "base")
     result = probe.run(params, "base+guided")
-    paths = probe.output_paths(params, "base+guided")
-    assert paths.metrics == Path("metrics/probe/base+guided.json")
-    assert paths.samples == Path("reports/probe/base+guided.samples.jsonl")
+    paths = probe.output_paths(params, "base+guided", "heldout")
+    assert paths.metrics == Path("metrics/probe/heldout/base+guided.json")
+    assert paths.samples == Path("reports/probe/heldout/base+guided.samples.jsonl")
     samples = read_jsonl(paths.samples)
     assert {s["model"] for s in samples} == {"base+guided"}
     assert all(s["output"].startswith('{"summary":"') for s in samples)  # the mask, in the stage
-    assert not any(s["output"].startswith('{"summary":"') for s in read_jsonl(probe.output_paths(params, "base").samples))
+    assert not any(s["output"].startswith('{"summary":"') for s in read_jsonl(probe.output_paths(params, "base", "heldout").samples))
     record = read_json(paths.provenance)
     assert record["stage"] == "probe@base+guided"
     assert record["guide"]["library"] == "llguidance" and record["guide"]["version"] == guided.llguidance_version()
-    assert record["run"]["generation_s"] > 0 and "guide" not in read_json(probe.output_paths(params, "base").provenance)
-    assert read_json(paths.metrics)["n"] == 3 and result["n"] == free["n"]
+    assert record["run"]["generation_s"] > 0 and "guide" not in read_json(probe.output_paths(params, "base", "heldout").provenance)
+    assert read_json(paths.metrics)["n"] == 3 and result["suites"]["heldout"]["n"] == free["suites"]["heldout"]["n"]
 
 
 def test_dvc_runs_a_probe_stage_named_with_the_guided_suffix():
@@ -237,5 +237,7 @@ def test_dvc_runs_a_probe_stage_named_with_the_guided_suffix():
     stage = stages["dvc.yaml:probe@dpo+guided"] if "dvc.yaml:probe@dpo+guided" in stages else stages["probe@dpo+guided"]
     assert stage.cmd == "tuneline probe dpo+guided"
     outs = {Path(o.def_path).as_posix() for o in stage.outs}
-    assert "metrics/probe/dpo+guided.json" in outs and "reports/probe/dpo+guided.samples.jsonl" in outs
+    for suite in ("heldout", "natural"):
+        assert f"metrics/probe/{suite}/dpo+guided.json" in outs
+        assert f"reports/probe/{suite}/dpo+guided.samples.jsonl" in outs
     assert any(Path(d.def_path).as_posix() == "models/dpo" for d in stage.deps)

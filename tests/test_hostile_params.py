@@ -58,7 +58,9 @@ def test_output_path_over_the_data_directory_is_refused(tmp_path):
         ({"reports": "src"}, ["paths.reports: 'src' would replace the source directory"]),
         ({"pairs": "../elsewhere"}, ["paths.pairs: '../elsewhere' is outside the project"]),
         ({"sft_model": "/tmp/sft"}, ["paths.sft_model: '/tmp/sft' is outside the project"]),
-        ({"dpo_model": "data/seed/probe_suite.jsonl"}, ["paths.dpo_model: 'data/seed/probe_suite.jsonl' is paths.probe_suite"]),
+        ({"dpo_model": "data/seed/probe_suite.jsonl"},
+         ["paths.dpo_model: 'data/seed/probe_suite.jsonl' is probe.suites.heldout.path"]),
+        ({"pairs": "data/seed/dev_suite.jsonl"}, ["paths.pairs: 'data/seed/dev_suite.jsonl' is paths.dev_suite"]),
         ({"generated": "data/seed"}, ["paths.generated: 'data/seed' is paths.seed_dir"]),
     ],
 )

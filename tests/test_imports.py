@@ -26,7 +26,6 @@ def params_for(tmp_path: Path, src: Path | str, fmt: str = "auto", seed_dir: str
             "paths": {
                 "seed_dir": seed_dir,
                 "schema_file": str(SEED / "contract.schema.json"),
-                "probe_suite": str(SEED / "probe_suite.jsonl"),
                 "generated": str(tmp_path / "generated"),
                 "metrics": str(tmp_path / "metrics"),
                 "base_model": str(tmp_path / "no-base-model"),

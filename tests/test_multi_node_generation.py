@@ -62,10 +62,11 @@ def _probe_project(directory: Path, model_dir: Path, processes: int) -> Path:
     ]
     (directory / "suite.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     params = {
-        "paths": {"schema_file": str(SEED / "contract.schema.json"), "probe_suite": "suite.jsonl"},
+        "paths": {"schema_file": str(SEED / "contract.schema.json"), "dev_suite": None},
         "model": {"device": "cpu", "dtype": "float32"},
         "compute": {"num_processes": processes},
-        "probe": {"models": {"base": "models/base"}, "limit": None, "batch_size": 3, "max_new_tokens": 8},
+        "probe": {"models": {"base": "models/base"}, "suites": {"heldout": {"path": "suite.jsonl"}}, "batch_size": 3,
+                  "max_new_tokens": 8},
         "compare": {"pairs": []},
     }
     (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
@@ -81,13 +82,13 @@ def test_probe_on_two_cpu_processes_writes_the_single_process_bytes(tmp_path: Pa
     assert "accelerate.commands.launch" in done.stderr and "--num_processes 2" in done.stderr
     assert "rank 1/2" in done.stderr  # the second process generated its share
     assert done.stdout.count('"n":') == 1  # the result, printed by rank 0 only
-    samples = "reports/probe/base.samples.jsonl"
+    samples = "reports/probe/heldout/base.samples.jsonl"
     texts = [json.loads(line)["output"] for line in (one / samples).read_text().splitlines()]
     assert len(set(texts)) > 3  # the outputs depend on the prompt
-    for name in (samples, "reports/probe/base.failures.jsonl"):
+    for name in (samples, "reports/probe/heldout/base.failures.jsonl"):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     assert _files(one) == _files(two)
-    m1, m2 = (json.loads((d / "metrics/probe/base.json").read_text()) for d in (one, two))
+    m1, m2 = (json.loads((d / "metrics/probe/heldout/base.json").read_text()) for d in (one, two))
     timing = {"tokens_per_s", "generation_s"}
     assert {k: v for k, v in m1.items() if k not in timing} == {k: v for k, v in m2.items() if k not in timing}
 
@@ -99,7 +100,6 @@ def _teacher_project(
     params = {
         "paths": {
             "seed_dir": str(SEED), "schema_file": str(SEED / "contract.schema.json"),
-            "probe_suite": str(SEED / "probe_suite.jsonl"),
         },
         "model": {"device": "cpu", "dtype": "float32"},
         "compute": {"num_processes": processes},

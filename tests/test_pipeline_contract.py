@@ -47,7 +47,9 @@ def instruction(word: str, number: int) -> str:
 
 CONTRACT_PARAMS = {
     "task": "generic",
-    "paths": {"schema_file": "data/tiny/answer.schema.json", "probe_suite": "data/tiny/probe_suite.jsonl"},
+    "paths": {"schema_file": "data/tiny/answer.schema.json", "dev_suite": "data/tiny/dev_suite.jsonl"},
+    "probe": {"suites": {"heldout": {"path": "data/tiny/probe_suite.jsonl", "limit": None},
+                         "natural": {"path": "data/tiny/natural_suite.jsonl", "limit": None}}},
     "generate": {"sources": {"template": {"enabled": False},
                              "import": {"enabled": True, "path": "data/seed/import/answers.jsonl"}}},
 }
@@ -68,7 +70,13 @@ def write_contract_data(root: Path, probe_numbers: range = PROBE_NUMBERS) -> Non
     imported.parent.mkdir(parents=True, exist_ok=True)
     imported.write_text("".join(json.dumps(r) + "\n" for r in rows))
     suite = [{"id": f"q{n}", "instruction": instruction(answer[n], n), "expect": {"a": answer[n]}} for n in probe_numbers]
-    (root / CONTRACT_PARAMS["paths"]["probe_suite"]).write_text("".join(json.dumps(s) + "\n" for s in suite))
+    suites = CONTRACT_PARAMS["probe"]["suites"]
+    (root / suites["heldout"]["path"]).write_text("".join(json.dumps(s) + "\n" for s in suite))
+    # the same requests as people type them: lower case, no full stop
+    natural = [{**s, "id": f"n{s['id']}", "instruction": s["instruction"].lower().rstrip(".")} for s in suite]
+    (root / suites["natural"]["path"]).write_text("".join(json.dumps(s) + "\n" for s in natural))
+    dev = [{**s, "id": f"d{s['id']}", "instruction": f"quick one: {s['instruction']}"} for s in suite[:4]]
+    (root / CONTRACT_PARAMS["paths"]["dev_suite"]).write_text("".join(json.dumps(s) + "\n" for s in dev))
 
 
 CONTRACT_OVERRIDES = {
@@ -85,7 +93,7 @@ CONTRACT_OVERRIDES = {
         "trainer": {"learning_rate": 0.001, "warmup_steps": 0.0, "per_device_train_batch_size": 4,
                     "logging_steps": 1, "save_steps": 1000},
     },
-    "probe": {"limit": None, "max_new_tokens": 16, "batch_size": 12},
+    "probe": {"max_new_tokens": 16, "batch_size": 12},
 }
 
 
@@ -112,13 +120,14 @@ def test_dvc_repro_learns_a_tiny_contract(tiny_model_dir, tmp_path, monkeypatch)
     assert metrics("pairs.json")["pairs"] > 0
 
     n = len(PROBE_NUMBERS)
-    base, sft, dpo = (metrics(f"probe/{name}.json") for name in ("base", "sft", "dpo"))
+    base, sft, dpo = (metrics(f"probe/heldout/{name}.json") for name in ("base", "sft", "dpo"))
     assert base["n"] == sft["n"] == dpo["n"] == n
     assert base["schema_valid_rate"] == 0.0, base
     assert sft["schema_valid_rate"] >= 0.8, sft
     assert sft["a_accuracy"] >= 0.6, sft  # the answer follows the prompt, not one constant word
 
-    compare = metrics("compare.json")
+    assert metrics("probe/natural/sft.json")["n"] == n
+    compare = metrics("compare.json")["heldout"]
     assert compare["sft"]["schema_valid_rate"]["k"] == round(sft["schema_valid_rate"] * n)
     gain = compare["sft_vs_base"]["schema_valid_rate"]
     assert gain["diff"] >= 0.8 and gain["only_other"] == 0 and gain["p_value"] < 0.05, gain

@@ -1,7 +1,7 @@
 """The whole pipeline under `dvc repro` in a temporary git repo, with the tiny model.
 
 Checks: every stage runs and writes its outputs; a second `dvc repro` runs nothing;
-changing one probe param re-runs only the probe stages and compare.
+changing one probe param (a suite's limit) re-runs only the probe stages and compare.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ TINY_OVERRIDES = {
             "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "logging_steps": 1, "save_steps": 2,
         },
     },
-    "probe": {"limit": 5, "max_new_tokens": 8, "batch_size": 5},
+    "probe": {"suites": {"heldout": {"limit": 5}, "natural": {"limit": 3}}, "max_new_tokens": 8, "batch_size": 5},
 }
 
 
@@ -83,16 +83,23 @@ def test_dvc_repro_end_to_end(tiny_model_dir, tmp_path):
     assert {"base", "generate", "clean", "sft", "pairs", "dpo", "compare"} <= stages, first.stdout
     assert {"probe@base", "probe@sft", "probe@dpo", "probe@dpo+guided"} <= stages
     for rel in ["metrics/clean.json", "metrics/sft.json", "metrics/dpo.json", "metrics/compare.json",
-                "reports/compare.md", "reports/probe/dpo.samples.jsonl"]:
+                "reports/compare.md", "reports/probe/heldout/dpo.samples.jsonl",
+                "reports/probe/natural/dpo.samples.jsonl", "metrics/probe/natural/dpo+guided.json"]:
         assert (project / rel).is_file(), rel
+    assert sum(1 for _ in open(project / "reports/probe/natural/base.samples.jsonl")) == 3
     compare = json.loads((project / "metrics/compare.json").read_text())
-    assert compare, "compare metrics are empty"
+    assert set(compare) == {"heldout", "natural"}, "compare reports every suite"
+    shown = json.loads(subprocess.run(["dvc", "metrics", "show", "--json"], cwd=project, capture_output=True,
+                                      text=True, check=True).stdout)
+    files = {f for rev in shown.values() for f in (rev.get("data") or {})}
+    assert {"metrics/probe/heldout/sft.json", "metrics/probe/natural/sft.json"} <= files, files
 
     second = _run(["dvc", "repro"], project)
     assert ran_stages(second.stdout) == set(), second.stdout
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["probe"]["max_new_tokens"] = 6
+    params["probe"]["suites"]["natural"]["limit"] = 4
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run(["dvc", "repro"], project)
     assert ran_stages(third.stdout) == {"probe@base", "probe@sft", "probe@dpo", "probe@dpo+guided", "compare"}, third.stdout
+    assert sum(1 for _ in open(project / "reports/probe/natural/base.samples.jsonl")) == 4

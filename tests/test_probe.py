@@ -6,6 +6,7 @@ import pytest
 from tuneline.contract import load_contract, load_suite
 from tuneline.errors import InputError
 from tuneline.params import parse_params
+from tuneline.provenance import sha256_file
 from tuneline.records import read_json, read_jsonl
 from tuneline.stages import probe
 
@@ -59,7 +60,8 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def probe_params(tmp_path, tiny_model_dir, adapter=None, dtype="auto", **probe_overrides):
+def probe_params(tmp_path, tiny_model_dir, adapter=None, dtype="auto", suites=None, **probe_overrides):
+    """Params probing one suite ``heldout`` (six lines, whole) unless ``suites`` is given."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     suite = write_suite(
         tmp_path / "suite.jsonl",
@@ -74,14 +76,14 @@ def probe_params(tmp_path, tiny_model_dir, adapter=None, dtype="auto", **probe_o
                 "base_model": str(tiny_model_dir),
                 "schema_file": str(SCHEMA),
                 "seed_dir": str(REPO / "data" / "seed"),
-                "probe_suite": str(suite),
+                "dev_suite": None,
                 "metrics": str(tmp_path / "metrics"),
                 "reports": str(tmp_path / "reports"),
             },
             "model": {"device": "cpu", "dtype": dtype},
             "probe": {
                 "models": models,
-                "limit": None,
+                "suites": suites or {"heldout": {"path": str(suite), "limit": None}},
                 "batch_size": 4,
                 "max_new_tokens": 6,
                 **probe_overrides,
@@ -206,8 +208,11 @@ def test_unknown_model_is_refused(tmp_path, tiny_model_dir):
 def test_probe_base_writes_samples_failures_and_metrics(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = probe_params(tmp_path, tiny_model_dir)
-    metrics = probe.run(params, "base")
-    paths = probe.output_paths(params, "base")
+    result = probe.run(params, "base")
+    metrics = {**result, **result["suites"]["heldout"]}
+    paths = probe.output_paths(params, "base", "heldout")
+    assert paths.metrics == tmp_path / "metrics" / "probe" / "heldout" / "base.json"
+    assert paths.samples == tmp_path / "reports" / "probe" / "heldout" / "base.samples.jsonl"
     samples = read_jsonl(paths.samples)
     assert [s["id"] for s in samples] == [f"p{i:02d}" for i in range(6)]
     for s in samples:
@@ -228,15 +233,18 @@ def test_probe_base_writes_samples_failures_and_metrics(tmp_path, tiny_model_dir
     assert (on_disk["facts_accuracy"], on_disk["facts_checked"]) == (None, sum(bool(s["facts"]) for s in samples))
     record = read_json(paths.provenance)
     assert record["stage"] == "probe@base" and record["git"] and record["versions"]["torch"]
-    assert record["suite_sha256"] == metrics["suite_sha256"] and record["run"]["mean_new_tokens"] == metrics["mean_new_tokens"]
+    section = record["suites"]["heldout"]
+    assert section["suite_sha256"] == sha256_file(params.probe.suites["heldout"].path)
+    assert section["n_suite_selected"] == 6 and section["limit"] is None
+    assert record["run"]["mean_new_tokens"] == metrics["mean_new_tokens"] and record["run"]["n"] == 6
     for key in ("parse_rate", "schema_valid_rate", "payload_type_accuracy", "destination_accuracy", "truncated_rate"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["n"] == 6
     assert metrics["truncated_rate"] == pytest.approx(sum(s["finish_reason"] == "length" for s in samples) / 6, abs=1e-6)
     assert metrics["mean_new_tokens"] == pytest.approx(sum(s["n_tokens"] for s in samples) / 6, abs=1e-3)
     assert set(metrics["field_presence"]) == set(load_contract(SCHEMA).schema["required"])
-    assert metrics["tokens_per_s"] > 0
-    assert len(metrics["suite_sha256"]) == 64 and len(metrics["contract_sha256"]) == 64
+    assert metrics["run"]["tokens_per_s"] > 0
+    assert len(metrics["contract_sha256"]) == 64
     assert metrics["loaded"]["adapters"] == {}
     failures = read_jsonl(paths.failures, allow_empty=True)
     assert sum(f["count"] for f in failures) == sum(s["cause"] != "ok" for s in samples)
@@ -257,9 +265,10 @@ def test_probe_is_deterministic_and_batching_does_not_change_outputs(tmp_path, n
             suite_line(i, TYPES[i % 3], CITIES[i % 3], instruction="Plan a trip. " * (1 + 2 * i) + CITIES[i % 3])
             for i in range(6)
         ]
-        write_suite(Path(params.paths.probe_suite), lines)
+        write_suite(Path(params.probe.suites["heldout"].path), lines)
         probe.run(params, "base")
-        runs.append([(s["output"], s["n_tokens"]) for s in read_jsonl(probe.output_paths(params, "base").samples)])
+        runs.append([(s["output"], s["n_tokens"])
+                     for s in read_jsonl(probe.output_paths(params, "base", "heldout").samples)])
     assert len({text for text, _ in runs[0]}) > 3  # the outputs depend on the prompt
     assert runs[0] == runs[1]
     if dtype == "float32":
@@ -295,9 +304,9 @@ def test_probe_applies_the_adapter(tmp_path, tiny_model_dir, adapter_dir, monkey
     base_metrics = probe.run(params, "base")
     sft_metrics = probe.run(params, "sft")
     assert set(sft_metrics["loaded"]["adapters"]) == {"sft"}
-    assert base_metrics["suite_sha256"] == sft_metrics["suite_sha256"]
-    base_out = [s["output"] for s in read_jsonl(probe.output_paths(params, "base").samples)]
-    sft_out = [s["output"] for s in read_jsonl(probe.output_paths(params, "sft").samples)]
+    assert base_metrics["contract_sha256"] == sft_metrics["contract_sha256"]
+    base_out = [s["output"] for s in read_jsonl(probe.output_paths(params, "base", "heldout").samples)]
+    sft_out = [s["output"] for s in read_jsonl(probe.output_paths(params, "sft", "heldout").samples)]
     assert base_out != sft_out
 
 
@@ -311,7 +320,7 @@ def test_merging_the_adapter_for_probing_keeps_the_outputs(tmp_path, tiny_model_
         metrics = probe.run(params, "sft")
         assert metrics["loaded"].get("merged_top", False) is merge
         assert set(metrics["loaded"]["adapters"]) == {"sft"}
-        outputs[merge] = [s["output"] for s in read_jsonl(probe.output_paths(params, "sft").samples)]
+        outputs[merge] = [s["output"] for s in read_jsonl(probe.output_paths(params, "sft", "heldout").samples)]
     assert outputs[True] == outputs[False]
 
 
@@ -319,12 +328,12 @@ def test_probe_refuses_chat_tokens_in_completion_prompts(tmp_path, tiny_model_di
     monkeypatch.chdir(tmp_path)
     params = probe_params(tmp_path, tiny_model_dir)
     write_suite(
-        Path(params.paths.probe_suite),
+        Path(params.probe.suites["heldout"].path),
         [suite_line(0, "budget", "Paris", instruction="<|im_start|>user\nA budget for Paris")],
     )
     with pytest.raises(InputError, match="chat special token"):
         probe.run(params, "base")
-    assert not probe.output_paths(params, "base").metrics.exists()
+    assert not probe.output_paths(params, "base", "heldout").metrics.exists()
 
 
 def test_probe_merges_the_parent_of_a_stacked_adapter(tmp_path, tiny_model_dir, adapter_dir, monkeypatch):
@@ -341,8 +350,60 @@ def test_probe_merges_the_parent_of_a_stacked_adapter(tmp_path, tiny_model_dir, 
     params = probe_params(tmp_path, tiny_model_dir, adapter=child)
     stacked = probe.run(params, "sft")
     assert stacked["loaded"]["merged_parents"][0]["path"] == str(adapter_dir)
-    stacked_out = [s["output"] for s in read_jsonl(probe.output_paths(params, "sft").samples)]
+    stacked_out = [s["output"] for s in read_jsonl(probe.output_paths(params, "sft", "heldout").samples)]
     params_alone = probe_params(tmp_path / "b", tiny_model_dir, adapter=alone)
     probe.run(params_alone, "sft")
-    alone_out = [s["output"] for s in read_jsonl(probe.output_paths(params_alone, "sft").samples)]
+    alone_out = [s["output"] for s in read_jsonl(probe.output_paths(params_alone, "sft", "heldout").samples)]
     assert stacked_out != alone_out
+
+
+def test_probe_writes_every_suite_apart_from_one_generate_call(tmp_path, tiny_model_dir, monkeypatch):
+    """Two suites: each gets its own metrics, samples and failures (its limit applied, a
+    stratified subset), the run record a section per suite; generating the suites
+    together gives each prompt the output it gets when its suite is probed alone (float32)."""
+    monkeypatch.chdir(tmp_path)
+    natural = write_suite(tmp_path / "natural.jsonl", [
+        {**suite_line(i, TYPES[i % 3], CITIES[i % 3], instruction=f"hey can u do a {TYPES[i % 3]} for {CITIES[i % 3]}"),
+         "id": f"n{i:02d}"} for i in range(9)
+    ])
+    write_suite(tmp_path / "suite.jsonl", [suite_line(i, TYPES[i % 3], CITIES[(i // 3) % 3]) for i in range(6)])
+    both = {"heldout": {"path": str(tmp_path / "suite.jsonl"), "limit": None},
+            "natural": {"path": str(natural), "limit": 3}}
+    params = probe_params(tmp_path, tiny_model_dir, dtype="float32", suites=both)
+    result = probe.run(params, "base")
+    assert set(result["suites"]) == {"heldout", "natural"}
+    record = read_json(probe.output_paths(params, "base", "natural").provenance)
+    assert set(record["suites"]) == {"heldout", "natural"} and record["run"]["n"] == 9
+    assert record["suites"]["natural"]["n_suite_selected"] == 3 and record["suites"]["natural"]["limit"] == 3
+    samples = {}
+    for name, n in (("heldout", 6), ("natural", 3)):
+        paths = probe.output_paths(params, "base", name)
+        assert read_json(paths.metrics)["n"] == n
+        samples[name] = read_jsonl(paths.samples)
+        assert paths.failures.is_file()
+    assert [s["id"][0] for s in samples["natural"]] == ["n"] * 3
+    assert sorted(s["expect"]["payload_type"] for s in samples["natural"]) == sorted(TYPES)  # stratified
+
+    alone = probe_params(tmp_path / "alone", tiny_model_dir, dtype="float32",
+                         suites={"natural": {"path": str(natural), "limit": 3}})
+    probe.run(alone, "base")
+    assert [s["output"] for s in read_jsonl(probe.output_paths(alone, "base", "natural").samples)] == [
+        s["output"] for s in samples["natural"]
+    ]
+    assert not probe.output_paths(alone, "base", "heldout").metrics.exists()
+
+
+def test_suite_names_and_limits_are_checked():
+    from tuneline.params import ParamsError
+
+    for suites, message in (
+        ({}, "at least one suite"),
+        ({"Held Out": {"path": "x.jsonl"}}, "suite name 'Held Out'"),
+        ({"heldout": {"path": "x.jsonl", "limit": 0}}, "probe.suites.heldout.limit"),
+        ({"heldout": {"limit": 3}}, "probe.suites.heldout.path"),
+        ({"dev": {"path": "data/seed/./dev_suite.jsonl"}}, "probe.suites.dev.path: .* is paths.dev_suite, which is for "
+                                                           "tuning only"),
+    ):
+        with pytest.raises(ParamsError, match=message):
+            parse_params({"probe": {"suites": suites}})
+    assert parse_params({"paths": {"dev_suite": None}, "probe": {"suites": {"dev": {"path": "data/seed/dev_suite.jsonl"}}}})

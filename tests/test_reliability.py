@@ -61,7 +61,8 @@ STAGE_OUTPUTS = {
     ],
     "pairs": ["data/pairs/train.jsonl", "metrics/pairs.json"],
     "probe": [
-        "reports/probe/base.samples.jsonl", "reports/probe/base.failures.jsonl", "metrics/probe/base.json",
+        *(f"{kind}/probe/{suite}/base.{ext}" for suite in ("heldout", "natural")
+          for kind, ext in (("reports", "samples.jsonl"), ("reports", "failures.jsonl"), ("metrics", "json"))),
         "reports/provenance/probe/base.json",
     ],
 }

@@ -25,12 +25,12 @@ def test_binary_outcomes_one_per_check_and_truncation_from_finish_reason():
 
 def test_output_paths_are_the_probe_layout(tmp_path):
     params = parse_params({"paths": {"metrics": str(tmp_path / "m"), "reports": str(tmp_path / "r")}})
-    paths = reporting.output_paths(params, "sft")
+    paths = reporting.output_paths(params, "sft", "natural")
     assert paths == reporting.ProbePaths(
-        metrics=tmp_path / "m" / "probe" / "sft.json",
-        samples=tmp_path / "r" / "probe" / "sft.samples.jsonl",
-        failures=tmp_path / "r" / "probe" / "sft.failures.jsonl",
-        provenance=tmp_path / "r" / "provenance" / "probe" / "sft.json",
+        metrics=tmp_path / "m" / "probe" / "natural" / "sft.json",
+        samples=tmp_path / "r" / "probe" / "natural" / "sft.samples.jsonl",
+        failures=tmp_path / "r" / "probe" / "natural" / "sft.failures.jsonl",
+        provenance=tmp_path / "r" / "provenance" / "probe" / "sft.json",  # one run record for every suite
     )
 
 
@@ -136,7 +136,7 @@ def test_power_note_when_no_difference_can_be_significant():
                                     conf=0.95)
         assert note == (
             f"a vs b: with n = {n} paired prompts no difference can be significant: the exact McNemar test needs "
-            "at least 6 prompts on which the models disagree for p < 0.05. Raise probe.limit."
+            "at least 6 prompts on which the models disagree for p < 0.05. Raise the suite's limit in probe.suites."
         )
 
 

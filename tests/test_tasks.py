@@ -51,12 +51,13 @@ def project(tmp: Path, tiny_model_dir: Path, task: str = "generic") -> dict:
     return {
         "task": task,
         "paths": {
-            "schema_file": str(tmp / "recipe.schema.json"), "probe_suite": str(tmp / "suite.jsonl"),
+            "schema_file": str(tmp / "recipe.schema.json"), "dev_suite": None,
             "generated": str(tmp / "gen"), "clean": str(tmp / "clean"), "pairs": str(tmp / "pairs"),
             "metrics": str(tmp / "metrics"), "reports": str(tmp / "reports"), "base_model": str(tiny_model_dir),
         },
         "generate": {"sources": {"template": {"enabled": False},
                                  "import": {"enabled": True, "path": str(tmp / "recipes.jsonl")}}},
+        "probe": {"suites": {"heldout": {"path": str(tmp / "suite.jsonl")}}},
         "clean": {"min_kept": 5, "max_rejected_fraction": 0.9},
         "sft": {"max_seq_len": 2048},
         "pairs": {"strategies": ["drop_field", "array_root", "truncate", "invalid_json", "repeat_item"]},
@@ -80,7 +81,7 @@ def test_generic_pipeline_runs_a_recipe_contract_without_travel(tmp_path, tiny_m
         assert contract.judge(pair["chosen"], pair["meta"]["expect"]).passes
         assert not contract.judge(pair["rejected"], pair["meta"]["expect"]).passes
     # the probe's verdict on outputs for the recipe suite; no stratification by a travel key
-    suite = load_suite(params.probe_suite)
+    suite = load_suite(params.probe.suites["heldout"].path)
     assert tasks.get(params.task).stratify_by == ()
     assert len(probe.select_subset(suite, 1, tasks.get("generic").stratify_by)) == 1
     good = probe.judge(recipe("gnocchi", 3), "eos", {"servings": 3}, contract)

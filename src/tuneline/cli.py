@@ -160,7 +160,7 @@ def probe(
     model: Annotated[str, typer.Argument(help="a model name from probe.models, e.g. base, sft, dpo")],
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
-    """Probe one model on the held-out suite: metrics/probe/MODEL.json and reports/probe/MODEL.*.jsonl."""
+    """Probe one model on every suite of probe.suites: metrics/probe/SUITE/MODEL.json, reports/probe/SUITE/MODEL.*.jsonl."""
     metrics = run_stage("probe", params, model=model)
     if metrics is None:  # the workers ran it; rank 0 printed the result
         return

@@ -272,6 +272,8 @@ def trace_params(params: Any) -> Iterator[set[str]]:
             sub = f"{path}.{name}" if path else name
             if isinstance(value, BaseModel) or name in skip:
                 return value
+            if isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):
+                return value  # named sections (``probe.suites``): each one's reads are recorded
             if isinstance(value, dict) and not any(isinstance(v, BaseModel) for v in value.values()):
                 return _ReadDict(value, sub, reads)
             reads.add(sub)

@@ -6,12 +6,14 @@ files on disk. The probe samples and metrics are git-tracked (``cache: false``),
 fresh clone without a DVC remote can be compared; files are read through
 ``dvc.api.DVCFileSystem``, which also serves DVC-tracked files from the cache.
 
-For every model probed in both versions and every per-sample outcome it reports
+Per suite (``<metrics>/probe/<suite>/``; a flat older layout counts as one suite), for
+every model probed on it in both versions and every per-sample outcome it reports
 ``rate(B) - rate(A)`` on the shared prompts (paired by prompt id; ``facts_accuracy`` on
 the prompts whose facts were checked in both, its n shown beside it) with Newcombe's score
 interval for paired proportions, an exact McNemar p-value and the discordant counts,
 exactly as ``compare`` does between models. The terminal table fits 80 columns.
-Versions whose probe suite or contract hashes differ are refused: their prompts or
+Suites in one version only are listed, not compared. A suite whose file or contract
+hashes differ between the versions is refused: their prompts or
 their definition of "valid" are not the same, so a difference would not mean anything.
 """
 
@@ -30,13 +32,14 @@ from tuneline.reporting import (
     check_same_inputs,
     interval_points,
     label,
-    output_paths,
     paired_stats,
     parse_samples,
     points,
     probe_run_from_records,
+    provenance_path,
     rate_stats,
     signed_points,
+    suite_paths,
     with_hashes,
 )
 
@@ -47,7 +50,7 @@ WORKSPACE = "workspace"
 class Version:
     rev: str  # as given
     sha: str | None  # None for the workspace
-    runs: dict[str, ProbeRun]
+    runs: dict[str, dict[str, ProbeRun]]  # suite -> model -> run
 
     @property
     def title(self) -> str:
@@ -68,8 +71,20 @@ def resolve(repo: str | Path, rev: str) -> str | None:
         ) from exc
 
 
+def _legacy_suite(params: Params, record: Any) -> str:
+    """The suite a flat ``<metrics>/probe/<model>.json`` (one suite per probe) was probed
+    on: the one of ``probe.suites`` with the file its run record names, else the first."""
+    path = record.get("suite") if isinstance(record, dict) else None
+    for name, suite_path in params.probe_suites.items():
+        if path and Path(path).as_posix() == Path(suite_path).as_posix():
+            return name
+    return next(iter(params.probe.suites))
+
+
 def read_version(repo: str | Path, rev: str, params: Params) -> Version:
-    """Every probe run (metrics + samples) present at ``rev``."""
+    """Every probe run (metrics + samples) present at ``rev``, per suite: the suites are
+    the directories under ``<metrics>/probe/``; a flat ``<metrics>/probe/<model>.json`` of
+    an older layout is read as one suite (``_legacy_suite``)."""
     from dvc.api import DVCFileSystem
     from dvc.exceptions import DvcException
 
@@ -79,10 +94,22 @@ def read_version(repo: str | Path, rev: str, params: Params) -> Version:
     except DvcException as exc:
         raise InputError(f"{repo}: cannot open the DVC repository at {rev!r}: {exc}") from exc
     metrics_dir = f"{params.paths.metrics}/probe"
-    runs: dict[str, ProbeRun] = {}
+
+    def record_of(name: str) -> Any:
+        path = provenance_path(params.paths.reports, name).as_posix()
+        record = loads_strict(fs.read_text(path, encoding="utf-8")) if fs.exists(path) else None
+        return record if isinstance(record, dict) else None
+
+    found: list[tuple[str, str, str, str]] = []  # (suite, model, metrics file, samples file)
+    for metrics_path in sorted(fs.glob(f"{metrics_dir}/*/*.json")):
+        suite, name = Path(metrics_path).parent.name, Path(metrics_path).stem
+        found.append((suite, name, metrics_path, suite_paths(params.paths.metrics, params.paths.reports, name, suite).samples.as_posix()))
     for metrics_path in sorted(fs.glob(f"{metrics_dir}/*.json")):
         name = Path(metrics_path).stem
-        samples_path = output_paths(params, name).samples.as_posix()
+        legacy = (Path(params.paths.reports) / "probe" / f"{name}.samples.jsonl").as_posix()
+        found.append((_legacy_suite(params, record_of(name)), name, metrics_path, legacy))
+    runs: dict[str, dict[str, ProbeRun]] = {}
+    for suite, name, metrics_path, samples_path in found:
         source = f"{rev}:{samples_path}"
         try:
             metrics = loads_strict(fs.read_text(metrics_path, encoding="utf-8"))
@@ -95,29 +122,33 @@ def read_version(repo: str | Path, rev: str, params: Params) -> Version:
             raise InputError(f"{rev}:{metrics_path}: invalid JSON: {exc}") from exc
         if not isinstance(metrics, dict):
             raise InputError(f"{rev}:{metrics_path}: expected a JSON object of probe metrics")
-        record_path = output_paths(params, name).provenance.as_posix()
-        record = loads_strict(fs.read_text(record_path, encoding="utf-8")) if fs.exists(record_path) else None
-        metrics = with_hashes(metrics, record if isinstance(record, dict) else None)
-        runs[name] = probe_run_from_records(name, metrics, parse_samples(text, source), source)
+        if name in runs.get(suite, {}):
+            raise InputError(f"{rev}:{metrics_path}: a second probe run of {name!r} on suite {suite!r}")
+        metrics = with_hashes(metrics, record_of(name), suite)
+        runs.setdefault(suite, {})[name] = probe_run_from_records(name, metrics, parse_samples(text, source), source)
     if not runs:
         raise InputError(f"{rev}: no probe results under {metrics_dir}/ (run `dvc repro` and commit them)")
     return Version(rev=rev, sha=sha, runs=runs)
 
 
-def diff_versions(a: Version, b: Version, *, conf: float) -> dict[str, Any]:
-    """Paired statistics of B against A for every model in both, after the hash check."""
-    common = [name for name in b.runs if name in a.runs]
+def diff_suite(a: dict[str, ProbeRun], b: dict[str, ProbeRun], rev_a: str, rev_b: str, *, conf: float,
+               suite: str) -> dict[str, Any]:
+    """Paired statistics of B against A on one suite, for every model in both, after the hash check."""
+    common = [name for name in b if name in a]
     if not common:
         raise InputError(
-            f"no model was probed in both versions ({a.rev}: {sorted(a.runs)}; {b.rev}: {sorted(b.runs)})"
+            f"suite {suite!r}: no model was probed in both versions ({rev_a}: {sorted(a)}; {rev_b}: {sorted(b)})"
         )
-    labelled = {f"{a.rev}:{m}": a.runs[m] for m in common} | {f"{b.rev}:{m}": b.runs[m] for m in common}
-    hashes = check_same_inputs(labelled)
+    labelled = {f"{rev_a}:{m}": a[m] for m in common} | {f"{rev_b}:{m}": b[m] for m in common}
+    try:
+        hashes = check_same_inputs(labelled)
+    except InputError as exc:
+        raise InputError(f"suite {suite!r}: {exc}") from exc
     models: dict[str, Any] = {}
     for name in common:
-        rates_a = rate_stats(a.runs[name], conf=conf)
-        rates_b = rate_stats(b.runs[name], conf=conf)
-        diffs = paired_stats(b.runs[name], a.runs[name], conf=conf, shared_outcomes=True)
+        rates_a = rate_stats(a[name], conf=conf)
+        rates_b = rate_stats(b[name], conf=conf)
+        diffs = paired_stats(b[name], a[name], conf=conf, shared_outcomes=True)
         models[name] = {
             metric: {
                 "rate_a": rates_a[metric]["rate"],
@@ -132,22 +163,35 @@ def diff_versions(a: Version, b: Version, *, conf: float) -> dict[str, Any]:
             }
             for metric, s in diffs.items()
         }
+    outcomes_a = {m for name in common for m in a[name].metric_names}
+    outcomes_b = {m for name in common for m in b[name].metric_names}
     return {
-        "a": {"rev": a.rev, "sha": a.sha},
-        "b": {"rev": b.rev, "sha": b.sha},
         **hashes,
-        "confidence": conf,
-        "interval": "newcombe",
         "models": models,
-        "only_in_a": sorted(set(a.runs) - set(b.runs)),
-        "only_in_b": sorted(set(b.runs) - set(a.runs)),
-        "outcomes_only_in_a": sorted(_outcomes(a, common) - _outcomes(b, common)),
-        "outcomes_only_in_b": sorted(_outcomes(b, common) - _outcomes(a, common)),
+        "only_in_a": sorted(set(a) - set(b)),
+        "only_in_b": sorted(set(b) - set(a)),
+        "outcomes_only_in_a": sorted(outcomes_a - outcomes_b),
+        "outcomes_only_in_b": sorted(outcomes_b - outcomes_a),
     }
 
 
-def _outcomes(version: Version, models: list[str]) -> set[str]:
-    return {m for name in models for m in version.runs[name].metric_names}
+def diff_versions(a: Version, b: Version, *, conf: float) -> dict[str, Any]:
+    """Per suite probed in both versions, ``diff_suite``; suites in one version only are listed."""
+    common = [suite for suite in b.runs if suite in a.runs]
+    if not common:
+        raise InputError(
+            f"no suite was probed in both versions ({a.rev}: {sorted(a.runs)}; {b.rev}: {sorted(b.runs)})"
+        )
+    return {
+        "a": {"rev": a.rev, "sha": a.sha},
+        "b": {"rev": b.rev, "sha": b.sha},
+        "confidence": conf,
+        "interval": "newcombe",
+        "suites": {suite: diff_suite(a.runs[suite], b.runs[suite], a.rev, b.rev, conf=conf, suite=suite)
+                   for suite in common},
+        "suites_only_in_a": sorted(set(a.runs) - set(b.runs)),
+        "suites_only_in_b": sorted(set(b.runs) - set(a.runs)),
+    }
 
 
 def diff(repo: str | Path, rev_a: str, rev_b: str, params: Params) -> dict[str, Any]:
@@ -158,7 +202,7 @@ def diff(repo: str | Path, rev_a: str, rev_b: str, params: Params) -> dict[str, 
     return result
 
 
-COLUMNS = ("model", "outcome", "A", "B", "diff (pts)", "interval", "p (McNemar)", "only A", "only B")
+COLUMNS = ("suite", "model", "outcome", "A", "B", "diff (pts)", "interval", "p (McNemar)", "only A", "only B")
 # The terminal table: the model as a section heading, short outcome names, discordant
 # counts in one cell, so that it fits 80 columns.
 SHORT_COLUMNS = ("outcome", "A %", "B %", "B-A", "interval", "p", "A/B only")
@@ -182,7 +226,14 @@ def _on(s: dict[str, Any], per_metric: dict[str, Any]) -> str:
 
 def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     out = []
-    for model, per_metric in result["models"].items():
+    for suite, section in result["suites"].items():
+        out += [(suite, *row) for row in _suite_rows(section)]
+    return out
+
+
+def _suite_rows(section: dict[str, Any]) -> list[tuple[str, ...]]:
+    out = []
+    for model, per_metric in section["models"].items():
         for metric, s in per_metric.items():
             out.append(
                 (
@@ -219,23 +270,27 @@ def short_rows(per_metric: dict[str, Any]) -> list[tuple[str, ...]]:
 def _caption(result: dict[str, Any]) -> str:
     pct = round(result["confidence"] * 100)
     skipped = ""
-    if result["only_in_a"] or result["only_in_b"]:
-        skipped = f" Not in both: A only {result['only_in_a']}, B only {result['only_in_b']}."
-    if result.get("outcomes_only_in_a") or result.get("outcomes_only_in_b"):
-        skipped += (
-            f" Outcomes scored in one version only (not compared): A {result['outcomes_only_in_a']},"
-            f" B {result['outcomes_only_in_b']}."
-        )
+    if result["suites_only_in_a"] or result["suites_only_in_b"]:
+        skipped = (f" Suites not in both: A only {result['suites_only_in_a']}, "
+                   f"B only {result['suites_only_in_b']}.")
+    inputs = []
+    for suite, section in result["suites"].items():
+        note = f"{suite}: suite {section['suite_sha256'][:12]}, contract {section['contract_sha256'][:12]}"
+        if section["only_in_a"] or section["only_in_b"]:
+            note += f"; models not in both: A only {section['only_in_a']}, B only {section['only_in_b']}"
+        if section.get("outcomes_only_in_a") or section.get("outcomes_only_in_b"):
+            note += (f"; outcomes scored in one version only (not compared): A {section['outcomes_only_in_a']},"
+                     f" B {section['outcomes_only_in_b']}")
+        inputs.append(note)
     return (
         f"A = {result['a']['title']}, B = {result['b']['title']}; diff = B - A in points, paired "
         f"{pct}% Newcombe interval, exact McNemar p; A/B only: prompts where only A / only B has the "
-        f"outcome; same suite ({result['suite_sha256'][:12]}) and contract "
-        f"({result['contract_sha256'][:12]}).{skipped}"
+        f"outcome; per suite the same suite file and contract in both ({'; '.join(inputs)}).{skipped}"
     )
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    lines = [_caption(result), "", "| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * (len(COLUMNS) - 2)]
+    lines = [_caption(result), "", "| " + " | ".join(COLUMNS) + " |", "|---|---|---|" + "---:|" * (len(COLUMNS) - 3)]
     lines += ["| " + " | ".join(row) + " |" for row in rows(result)]
     return "\n".join(lines) + "\n"
 
@@ -245,7 +300,7 @@ def to_json(result: dict[str, Any]) -> str:
 
 
 def table(result: dict[str, Any]) -> Any:
-    """The terminal table (a ``rich.table.Table``): one section per model, at most 80 columns."""
+    """The terminal table (a ``rich.table.Table``): one section per suite and model, at most 80 columns."""
     from rich import box
     from rich.table import Table
 
@@ -254,11 +309,12 @@ def table(result: dict[str, Any]) -> Any:
     for i, name in enumerate(SHORT_COLUMNS):
         heading = f"{pct}% CI" if name == "interval" else name
         out.add_column(heading, justify="left" if i == 0 else "right", overflow="fold")
-    for model, per_metric in result["models"].items():
-        out.add_row(f"[bold]{model}[/bold]")
-        for row in short_rows(per_metric):
-            out.add_row(*row)
-        out.add_section()
+    for suite, section in result["suites"].items():
+        for model, per_metric in section["models"].items():
+            out.add_row(f"[bold]{suite}: {model}[/bold]")
+            for row in short_rows(per_metric):
+                out.add_row(*row)
+            out.add_section()
     return out
 
 

@@ -169,18 +169,23 @@ def _base_card(base: Path) -> tuple[str | None, str | None]:
 def _probe_section(params: Params, name: str | None) -> list[str]:
     if name is None:
         return ["No probe results: the model was given as a directory that is not in `probe.models`."]
-    path = Path(params.paths.metrics) / "probe" / f"{name}.json"
-    if not path.is_file():
-        return [f"No probe results: `{path}` was not found (`tuneline probe {name}` writes it)."]
-    from tuneline.reporting import provenance_path
+    from tuneline.reporting import output_paths, provenance_path
 
-    metrics = read_json(path)
+    paths = {suite: output_paths(params, name, suite).metrics for suite in params.probe.suites}
+    found = {suite: path for suite, path in paths.items() if path.is_file()}
+    if not found:
+        return [f"No probe results: `{next(iter(paths.values()))}` was not found (`tuneline probe {name}` writes it)."]
     record_path = provenance_path(params.paths.reports, name)
-    # the probe's run record (suite, decoding); older layouts kept it inside the metrics
-    record = read_json(record_path) if record_path.is_file() else metrics.get("provenance", {})
-    rows = [(k, v) for k, v in sorted(metrics.items()) if isinstance(v, int | float) and not isinstance(v, bool)]
-    lines = [f"From `{path}` (suite `{record.get('suite', '?')}`):", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
+    # the probe's run record (per suite its file; decoding)
+    record = read_json(record_path) if record_path.is_file() else {}
+    lines: list[str] = []
+    for suite, path in found.items():
+        metrics = read_json(path)
+        suite_file = ((record.get("suites") or {}).get(suite) or {}).get("suite", "?")
+        rows = [(k, v) for k, v in sorted(metrics.items()) if isinstance(v, int | float) and not isinstance(v, bool)]
+        lines += [*([""] if lines else []), f"From `{path}` (suite {suite}, `{suite_file}`):", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in rows]
     decoding = record.get("decoding")
     if decoding:
         lines += ["", f"Decoding: `{json.dumps(decoding, sort_keys=True)}`."]

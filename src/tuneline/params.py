@@ -55,7 +55,9 @@ class Section(BaseModel):
 class PathsParams(Section):
     seed_dir: str = "data/seed"
     schema_file: str = "data/seed/contract.schema.json"
-    probe_suite: str = "data/seed/probe_suite.jsonl"
+    # Development prompts (tuning, learning curves): never probed for results, and like
+    # every probe suite kept out of training by clean. None: no development suite.
+    dev_suite: str | None = "data/seed/dev_suite.jsonl"
     generated: str = "data/generated"
     clean: str = "data/clean"
     pairs: str = "data/pairs"
@@ -296,6 +298,24 @@ def split_model(name: str) -> tuple[str, bool]:
     return name, False
 
 
+SUITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+class SuiteParams(Section):
+    """One probe suite: its file and how many of its prompts to probe (None: all; a
+    stratified subset otherwise, ``stages.probe.select_subset``)."""
+
+    path: str
+    limit: PositiveInt | None = None
+
+
+def _default_suites() -> dict[str, SuiteParams]:
+    return {
+        "heldout": SuiteParams(path="data/seed/probe_suite.jsonl", limit=60),
+        "natural": SuiteParams(path="data/seed/natural_suite.jsonl", limit=30),
+    }
+
+
 class ProbeParams(Section):
     # name -> adapter dir; the base itself (or None) probes the bare base. A name ending in
     # "+guided" decodes that model under the contract's JSON Schema (tuneline.guided).
@@ -304,7 +324,10 @@ class ProbeParams(Section):
             "base": "models/base", "sft": "models/sft", "dpo": "models/dpo", "dpo+guided": "models/dpo",
         }
     )
-    limit: PositiveInt | None = 60
+    # name -> suite: every probe stage probes each one and writes its outputs under
+    # <metrics>/probe/<name>/ and <reports>/probe/<name>/ (names: lower-case letters,
+    # digits, '_' and '-').
+    suites: dict[str, SuiteParams] = Field(default_factory=_default_suites)
     batch_size: PositiveInt = 30
     max_new_tokens: PositiveInt = 320
     do_sample: bool = False
@@ -325,6 +348,19 @@ class ProbeParams(Section):
             if not head or "+" in head or ("+" in name and not guided):
                 raise ValueError(
                     f"{name!r}: a '+' in a model name is allowed only in the suffix {GUIDE_SUFFIX!r} after a name"
+                )
+        return value
+
+    @field_validator("suites")
+    @classmethod
+    def _suite_names(cls, value: dict[str, SuiteParams]) -> dict[str, SuiteParams]:
+        if not value:
+            raise ValueError("at least one suite is needed (name -> {path, limit})")
+        for name in value:
+            if not SUITE_NAME.fullmatch(name):
+                raise ValueError(
+                    f"suite name {name!r}: allowed are lower-case letters, digits, '_' and '-', "
+                    "starting with a letter or digit (it names output directories)"
                 )
         return value
 
@@ -375,13 +411,29 @@ class Params(Section):
             for name in pair:
                 if name not in names:
                     problems.append(f"compare.pairs[{i}]: {name!r} is not a probe model (allowed: {sorted(names)})")
+        dev = self.paths.dev_suite
+        for name, suite in self.probe.suites.items():
+            if dev and os.path.normpath(suite.path) == os.path.normpath(dev):
+                problems.append(
+                    f"probe.suites.{name}.path: {suite.path!r} is paths.dev_suite, which is for tuning only and never "
+                    "probed for results (allowed: another suite file; or set paths.dev_suite to another file or null)"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     @property
-    def probe_suite(self) -> str:
-        return self.paths.probe_suite
+    def probe_suites(self) -> dict[str, str]:
+        """Suite name -> file, in ``probe.suites`` order."""
+        return {name: suite.path for name, suite in self.probe.suites.items()}
+
+    @property
+    def held_out_files(self) -> list[str]:
+        """Every prompt file training must not see: the probe suites and the development suite."""
+        files = list(self.probe_suites.values())
+        if self.paths.dev_suite:
+            files.append(self.paths.dev_suite)
+        return list(dict.fromkeys(files))
 
 
 class ParamsError(InputError):
@@ -565,7 +617,8 @@ OUTPUT_PATHS = (
 
 def _inputs(params: Params, base: Path) -> list[tuple[str, str]]:
     """``(param, value)`` of every path the stages read and do not write."""
-    inputs = [(f"paths.{name}", getattr(params.paths, name)) for name in ("seed_dir", "schema_file", "probe_suite")]
+    inputs = [(f"paths.{name}", getattr(params.paths, name)) for name in ("seed_dir", "schema_file", "dev_suite")]
+    inputs += [(f"probe.suites.{name}.path", path) for name, path in params.probe_suites.items()]
     if params.generate.sources.imported.path:
         inputs.append(("generate.sources.import.path", params.generate.sources.imported.path))
     source = params.base.source

@@ -1,7 +1,8 @@
 """Probe results as statistics and reports: what ``compare`` and ``tuneline diff`` share.
 
-A probe run is one model's ``<metrics>/probe/<model>.json`` and its per-sample outcomes
-from ``<reports>/probe/<model>.samples.jsonl``. From runs this module computes, per
+A probe run is one model's results on one suite: ``<metrics>/probe/<suite>/<model>.json``
+and its per-sample outcomes from ``<reports>/probe/<suite>/<model>.samples.jsonl``; runs
+are compared within a suite, never across suites. From runs this module computes, per
 outcome, a rate with a Wilson interval and, between two runs scored on the same prompts,
 a paired difference with Newcombe's score interval for paired proportions, an exact
 McNemar p-value and the discordant counts (``diff = a - b``; the statistics are
@@ -40,16 +41,21 @@ class ProbePaths:
     provenance: Path
 
 
-def output_paths(params: Params, model: str) -> ProbePaths:
-    """Where the probe of ``model`` writes its metrics (the rates), samples, grouped
-    failures and run record (suite and contract hashes, decoding, commit, timings)."""
-    metrics = Path(params.paths.metrics) / "probe"
-    reports = Path(params.paths.reports) / "probe"
+def output_paths(params: Params, model: str, suite: str) -> ProbePaths:
+    """Where the probe of ``model`` writes its metrics (the rates), samples and grouped
+    failures on ``suite`` (a name in ``probe.suites``), and its run record (one per model,
+    for every suite: suite and contract hashes, decoding, commit, timings)."""
+    return suite_paths(params.paths.metrics, params.paths.reports, model, suite)
+
+
+def suite_paths(metrics: str | Path, reports: str | Path, model: str, suite: str) -> ProbePaths:
+    """``output_paths`` from the two output directories (``paths.metrics``, ``paths.reports``)."""
+    probe_reports = Path(reports) / "probe" / suite
     return ProbePaths(
-        metrics=metrics / f"{model}.json",
-        samples=reports / f"{model}.samples.jsonl",
-        failures=reports / f"{model}.failures.jsonl",
-        provenance=provenance_path(params.paths.reports, model),
+        metrics=Path(metrics) / "probe" / suite / f"{model}.json",
+        samples=probe_reports / f"{model}.samples.jsonl",
+        failures=probe_reports / f"{model}.failures.jsonl",
+        provenance=provenance_path(reports, model),
     )
 
 
@@ -58,13 +64,16 @@ def provenance_path(reports: str | Path, model: str) -> Path:
     return Path(reports) / "provenance" / "probe" / f"{model}.json"
 
 
-def with_hashes(metrics: Mapping[str, Any], provenance: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Probe metrics with the suite and contract hashes of the run record beside them
-    (where they are since metrics hold only rates; older revisions kept them in metrics)."""
+def with_hashes(metrics: Mapping[str, Any], provenance: Mapping[str, Any] | None, suite: str) -> dict[str, Any]:
+    """Probe metrics on ``suite`` with the suite and contract hashes of the run record
+    beside them (the contract's at the top of the record, the suite's under
+    ``suites.<suite>``; metrics hold only rates)."""
     merged = dict(metrics)
+    section = ((provenance or {}).get("suites") or {}).get(suite) or {}
     for key in HASH_KEYS:
-        if key not in merged and provenance and key in provenance:
-            merged[key] = provenance[key]
+        for source in (section, provenance or {}):
+            if key not in merged and key in source:
+                merged[key] = source[key]
     return merged
 
 
@@ -162,17 +171,15 @@ def probe_run_from_records(
     return ProbeRun(name=name, metrics=metrics, outcomes=outcomes, source=source)
 
 
-def load_probe_run(
-    name: str, metrics_path: str | Path, samples_path: str | Path, provenance_path: str | Path | None = None
-) -> ProbeRun:
-    """A probe run from its files on disk (``output_paths``), read strictly; the hashes
-    come from the run record at ``provenance_path`` when the metrics do not hold them."""
-    metrics = read_json(metrics_path)
+def load_probe_run(name: str, paths: ProbePaths, suite: str) -> ProbeRun:
+    """``name``'s probe run on ``suite`` from its files on disk (``output_paths``), read
+    strictly; the hashes come from the run record."""
+    metrics = read_json(paths.metrics)
     if not isinstance(metrics, dict):
-        raise InputError(f"{metrics_path}: expected a JSON object of probe metrics")
-    record = read_json(provenance_path) if provenance_path and Path(provenance_path).is_file() else None
-    samples = read_jsonl(samples_path, required=SAMPLE_FIELDS)
-    return probe_run_from_records(name, with_hashes(metrics, record), samples, str(samples_path))
+        raise InputError(f"{paths.metrics}: expected a JSON object of probe metrics")
+    record = read_json(paths.provenance) if Path(paths.provenance).is_file() else None
+    samples = read_jsonl(paths.samples, required=SAMPLE_FIELDS)
+    return probe_run_from_records(name, with_hashes(metrics, record, suite), samples, str(paths.samples))
 
 
 def parse_samples(text: str, source: str) -> list[dict[str, Any]]:
@@ -220,7 +227,7 @@ def aligned(a: ProbeRun, b: ProbeRun, *, same_outcomes: bool = True) -> list[Any
         raise InputError(
             f"{a.name} and {b.name} were probed on different prompts "
             f"({len(only_a)} only in {a.source}, e.g. {only_a[:3]}; {len(only_b)} only in {b.source}, "
-            f"e.g. {only_b[:3]}); check probe.limit and paths.probe_suite"
+            f"e.g. {only_b[:3]}); check the suite's path and limit in probe.suites"
         )
     if same_outcomes and a.metric_names != b.metric_names:
         raise InputError(
@@ -397,7 +404,7 @@ def power_note(
         return (
             f"{model} vs {other}: with n = {n} paired prompts no difference can be significant: the exact "
             f"McNemar test needs at least {fewest} prompts on which the models disagree for p < {alpha:.2f}. "
-            "Raise probe.limit."
+            "Raise the suite's limit in probe.suites."
         )
     planned: list[tuple[float, str, int]] = []
     for metric, s in quiet.items():
@@ -445,11 +452,13 @@ def load_failures(path: str | Path) -> list[dict[str, Any]]:
     return read_jsonl(path, required={"cause": str, "count": int}, allow_empty=True)
 
 
-def rate_rows(rates: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[dict[str, Any]]:
-    """The rates as DVC plot data: one row per model and outcome with its interval
-    (``reports/compare_rates.json``, drawn by the ``rates_interval`` template)."""
+def rate_rows(rates: Mapping[str, Mapping[str, Mapping[str, float]]], suite: str) -> list[dict[str, Any]]:
+    """One suite's rates as DVC plot data: one row per model and outcome with its interval
+    and the suite (``reports/compare_rates.json``, drawn by the ``rates_interval`` template,
+    one row of panels per suite)."""
     return [
-        {"model": model, "outcome": label(metric), "rate": s["rate"], "ci_low": s["ci_low"], "ci_high": s["ci_high"]}
+        {"suite": suite, "model": model, "outcome": label(metric), "rate": s["rate"], "ci_low": s["ci_low"],
+         "ci_high": s["ci_high"]}
         for model, per_metric in rates.items()
         for metric, s in per_metric.items()
         if s["rate"] is not None
@@ -495,7 +504,25 @@ def speed_section(speeds: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def render_markdown(
+@dataclass(frozen=True)
+class SuiteComparison:
+    """One suite's comparison: the models' rates, the paired differences, the hashes they
+    share, and per model its failure groups and samples file (relative to the reports)."""
+
+    name: str
+    path: str
+    hashes: Mapping[str, str]
+    rates: Mapping[str, Mapping[str, Mapping[str, Any]]]
+    diffs: Mapping[tuple[str, str], Mapping[str, Mapping[str, Any]]]
+    failures: Mapping[str, Sequence[Mapping[str, Any]]]
+    samples: Mapping[str, str]
+
+    @property
+    def causes(self) -> dict[str, dict[str, int]]:
+        return {model: failure_causes(groups) for model, groups in self.failures.items()}
+
+
+def _suite_markdown(
     rates: Mapping[str, Mapping[str, Mapping[str, float]]],
     diffs: Mapping[tuple[str, str], Mapping[str, Mapping[str, float]]],
     hashes: Mapping[str, str],
@@ -503,24 +530,19 @@ def render_markdown(
     conf: float,
     min_effect: float,
     power: float,
-    plot_name: str | None,
-    causes: Mapping[str, Mapping[str, int]] | None = None,
-    speeds: Mapping[str, Mapping[str, Any]] | None = None,
-) -> str:
-    """The report; ``causes`` maps model -> failure cause -> count (a cause one model lacks
-    is shown as 0); ``speeds`` maps model -> its probe run record's ``run`` (decode seconds,
-    tokens/s, mean new tokens)."""
+    causes: Mapping[str, Mapping[str, int]] | None,
+    heading: str,
+) -> list[str]:
+    """One suite's sections; ``heading`` prefixes every ``##`` title (``natural: ``)."""
     pct = round(conf * 100)
     models = list(rates)
     metrics = list(next(iter(rates.values())))
     lines = [
-        "# Probe comparison",
-        "",
         f"Suite sha256 `{hashes['suite_sha256'][:12]}`, contract sha256 `{hashes['contract_sha256'][:12]}`. "
         f"Rates with Wilson {pct}% intervals; differences are paired over the same prompts "
         f"(Newcombe's {pct}% score interval for paired proportions, exact McNemar p-value).",
         "",
-        "## Verdicts",
+        f"## {heading}Verdicts",
         "",
     ]
     lines += [f"- {verdict(m, o, d, conf=conf)}" for (m, o), d in diffs.items()]
@@ -532,8 +554,8 @@ def render_markdown(
         if (note := power_note(m, o, d, min_effect=min_effect, power=power, conf=conf))
     ]
     if notes:
-        lines += ["", "## Power", ""] + [f"- {note}" for note in notes]
-    lines += ["", f"## Rates ({pct}% Wilson interval)", ""]
+        lines += ["", f"## {heading}Power", ""] + [f"- {note}" for note in notes]
+    lines += ["", f"## {heading}Rates ({pct}% Wilson interval)", ""]
     lines.append("| model | n | " + " | ".join(label(m) for m in metrics) + " |")
     lines.append("|---|---:|" + "---:|" * len(metrics))
     for model in models:
@@ -549,7 +571,7 @@ def render_markdown(
         ]
     table = cause_table({model: (causes or {}).get(model, {}) for model in models}) if causes else {}
     if causes:
-        lines += ["", "## Failure causes (count of prompts)", ""]
+        lines += ["", f"## {heading}Failure causes (count of prompts)", ""]
         order = list(next(iter(table.values()))) if table else []
         if order:
             lines.append("| model | " + " | ".join(order) + " |")
@@ -557,12 +579,10 @@ def render_markdown(
             lines += [f"| {model} | " + " | ".join(str(table[model][c]) for c in order) + " |" for model in models]
         else:
             lines.append("None: every output passed.")
-    if speeds:
-        lines += ["", *speed_section(speeds)]
     if diffs:
         lines += [
             "",
-            f"## Paired differences (points, {pct}% Newcombe interval)",
+            f"## {heading}Paired differences (points, {pct}% Newcombe interval)",
             "",
             "| comparison | outcome | diff | interval | p (McNemar) | only model | only other |",
             "|---|---|---:|---|---:|---:|---:|",
@@ -574,21 +594,78 @@ def render_markdown(
                 f"{interval_points(s['ci_low'], s['ci_high'])} | "
                 f"{_p_cell(s['p_value'])} | {s['only_model']} | {s['only_other']} |"
             )
+    return lines
+
+
+_FOOTER = [
+    "",
+    "Only model / only other: prompts where the outcome holds for that model and not the other "
+    "(the discordant pairs McNemar's test uses). No correction for multiple comparisons is applied.",
+    "",
+]
+
+
+def render_markdown(
+    rates: Mapping[str, Mapping[str, Mapping[str, float]]],
+    diffs: Mapping[tuple[str, str], Mapping[str, Mapping[str, float]]],
+    hashes: Mapping[str, str],
+    *,
+    conf: float,
+    min_effect: float,
+    power: float,
+    plot_name: str | None,
+    causes: Mapping[str, Mapping[str, int]] | None = None,
+    speeds: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
+    """The report of one suite; ``causes`` maps model -> failure cause -> count (a cause
+    one model lacks is shown as 0); ``speeds`` maps model -> its probe run record's ``run``
+    (decode seconds, tokens/s, mean new tokens)."""
+    lines = ["# Probe comparison", ""]
+    lines += _suite_markdown(rates, diffs, hashes, conf=conf, min_effect=min_effect, power=power, causes=causes,
+                             heading="")
+    if speeds:
+        lines += ["", *speed_section(speeds)]
     if plot_name:
         lines += ["", f"![rates with intervals]({plot_name})"]
-    lines += [
+    return "\n".join(lines + _FOOTER)
+
+
+def render_suites_markdown(
+    suites: Mapping[str, SuiteComparison],
+    *,
+    conf: float,
+    min_effect: float,
+    power: float,
+    plot_name: str | None,
+    speeds: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
+    """The report of every suite: per suite (``## <suite>: ...`` sections) its verdicts,
+    power notes, rates, failure causes and paired differences; then the decoding speed
+    (one generate call per model covers every suite) and the plot."""
+    listing = ", ".join(f"`{name}` ({s.path}, n = {max(run_n(r) for r in s.rates.values())})"
+                        for name, s in suites.items())
+    lines = [
+        "# Probe comparison",
         "",
-        "Only model / only other: prompts where the outcome holds for that model and not the other "
-        "(the discordant pairs McNemar's test uses). No correction for multiple comparisons is applied.",
-        "",
+        f"Suites: {listing}. Each suite is compared on its own: its models on the same prompts, "
+        "its own verdicts.",
     ]
-    return "\n".join(lines)
+    for name, s in suites.items():
+        lines += ["", f"# Suite `{name}`", ""]
+        lines += _suite_markdown(s.rates, s.diffs, s.hashes, conf=conf, min_effect=min_effect, power=power,
+                                 causes=s.causes, heading=f"{name}: ")
+    if speeds:
+        lines += ["", *speed_section(speeds)]
+    if plot_name:
+        lines += ["", f"![rates with intervals]({plot_name})"]
+    return "\n".join(lines + _FOOTER)
 
 
 def plot_rates(
-    rates: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | Path, *, conf: float
+    rates: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]], path: str | Path, *, conf: float
 ) -> None:
-    """Rates with interval bars: one group per outcome, one marker per model."""
+    """Rates with interval bars, one panel per suite (``rates``: suite -> model -> outcome):
+    one group per outcome, one marker per model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -596,24 +673,27 @@ def plot_rates(
 
     from tuneline.records import atomic_path
 
-    models = list(rates)
-    metrics = list(next(iter(rates.values())))
-    width = 0.8 / max(len(models), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(metrics)), 4.0))
-    for j, model in enumerate(models):
-        shown = [i for i, m in enumerate(metrics) if rates[model][m]["rate"] is not None]
-        xs = [i - 0.4 + width * (j + 0.5) for i in shown]
-        rows = [rates[model][metrics[i]] for i in shown]
-        ys = [s["rate"] for s in rows]
-        lows = [s["rate"] - s["ci_low"] for s in rows]
-        highs = [s["ci_high"] - s["rate"] for s in rows]
-        ax.errorbar(xs, ys, yerr=[lows, highs], fmt="o", capsize=4, label=model)
-    ax.set_xticks(range(len(metrics)))
-    ax.set_xticklabels([label(m) for m in metrics], rotation=20, ha="right")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel(f"rate ({round(conf * 100)}% Wilson interval)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    widest = max(len(next(iter(per_suite.values()))) for per_suite in rates.values())
+    fig, axes = plt.subplots(len(rates), 1, figsize=(max(6.0, 1.6 * widest), 4.0 * len(rates)), squeeze=False)
+    for ax, (suite, per_suite) in zip(axes[:, 0], rates.items(), strict=True):
+        models = list(per_suite)
+        metrics = list(next(iter(per_suite.values())))
+        width = 0.8 / max(len(models), 1)
+        for j, model in enumerate(models):
+            shown = [i for i, m in enumerate(metrics) if per_suite[model][m]["rate"] is not None]
+            xs = [i - 0.4 + width * (j + 0.5) for i in shown]
+            rows = [per_suite[model][metrics[i]] for i in shown]
+            ys = [s["rate"] for s in rows]
+            lows = [s["rate"] - s["ci_low"] for s in rows]
+            highs = [s["ci_high"] - s["rate"] for s in rows]
+            ax.errorbar(xs, ys, yerr=[lows, highs], fmt="o", capsize=4, label=model)
+        ax.set_title(f"suite {suite}")
+        ax.set_xticks(range(len(metrics)))
+        ax.set_xticklabels([label(m) for m in metrics], rotation=20, ha="right")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel(f"rate ({round(conf * 100)}% Wilson interval)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
@@ -742,33 +822,54 @@ pre{background:#f7f7f7;padding:.6em;white-space:pre-wrap;word-break:break-all;fo
 
 
 def render_html(
-    rates: Mapping[str, Mapping[str, Mapping[str, float]]],
-    diffs: Mapping[tuple[str, str], Mapping[str, Mapping[str, float]]],
-    hashes: Mapping[str, str],
+    suites: Mapping[str, SuiteComparison],
     *,
     conf: float,
-    failures: Mapping[str, Sequence[Mapping[str, Any]]],
     curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
     plans: Mapping[str, Mapping[str, Any]],
-    samples: Mapping[str, str],
 ) -> str:
-    """``reports/index.html``: the compare table, rates with intervals (inline SVG), loss
-    curves per training stage (``curves``: stage -> series name -> (step, loss)), each
-    stage's plan, failure causes with an example output each, and links to the samples
-    files (``samples``: model -> path relative to the page). One file, no script, no
-    stylesheet or font fetched; the same inputs give the same bytes."""
+    """``reports/index.html``: per suite the compare table, rates with intervals (inline
+    SVG), paired differences, failure causes with an example output each and links to the
+    samples files; then loss curves per training stage (``curves``: stage -> series name
+    -> (step, loss)) and each stage's plan. One file, no script, no stylesheet or font
+    fetched; the same inputs give the same bytes."""
     pct = round(conf * 100)
-    models = list(rates)
-    metrics = list(next(iter(rates.values())))
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><title>tuneline: probe comparison</title>',
         f"<style>{HTML_STYLE}</style></head><body>",
         "<h1>Probe comparison</h1>",
-        f'<p class="note">Suite sha256 <code>{_esc(hashes["suite_sha256"][:12])}</code>, contract sha256 '
-        f'<code>{_esc(hashes["contract_sha256"][:12])}</code>. Rates with Wilson {pct}% intervals; differences '
-        f"are paired over the same prompts (Newcombe's {pct}% score interval, exact McNemar p-value).</p>",
-        f"<h2>Rates ({pct}% Wilson interval)</h2>",
+        f'<p class="note">Suites: {", ".join(_esc(name) for name in suites)}; each compared on its own. Rates '
+        f"with Wilson {pct}% intervals; differences are paired over the same prompts (Newcombe's {pct}% score "
+        "interval, exact McNemar p-value).</p>",
+    ]
+    for suite in suites.values():
+        out += _suite_html(suite, conf=conf)
+    out.append("<h2>Training</h2>")
+    if not curves and not plans:
+        out.append('<p class="note">No training logs found beside the probe results.</p>')
+    for stage in dict.fromkeys([*curves, *plans]):  # pipeline order
+        out.append(f"<h3>{_esc(stage)}</h3>")
+        chart = svg_lines(curves.get(stage, {}), x_label="optimizer step", y_label="loss")
+        out.append(chart or '<p class="note">No loss log.</p>')
+        plan = plans.get(stage)
+        if plan:
+            out.append(_table(["plan", "value"], sorted(plan.items())))
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _suite_html(suite: SuiteComparison, *, conf: float) -> list[str]:
+    pct = round(conf * 100)
+    rates, diffs, failures = suite.rates, suite.diffs, suite.failures
+    models = list(rates)
+    metrics = list(next(iter(rates.values())))
+    out = [
+        f'<h2 id="suite-{_esc(suite.name)}">Suite {_esc(suite.name)}</h2>',
+        f'<p class="note"><code>{_esc(suite.path)}</code>: suite sha256 '
+        f'<code>{_esc(suite.hashes["suite_sha256"][:12])}</code>, contract sha256 '
+        f'<code>{_esc(suite.hashes["contract_sha256"][:12])}</code>.</p>',
+        f"<h3>Rates ({pct}% Wilson interval)</h3>",
         _table(
             ["model", "n", *(label(m) for m in metrics)],
             [
@@ -779,7 +880,7 @@ def render_html(
         svg_rates(rates, conf=conf),
     ]
     if diffs:
-        out.append(f"<h2>Paired differences (points, {pct}% Newcombe interval)</h2>")
+        out.append(f"<h3>Paired differences (points, {pct}% Newcombe interval)</h3>")
         out.append("<ul>" + "".join(f"<li>{_esc(verdict(m, o, d, conf=conf)).replace('**', '')}</li>"
                                     for (m, o), d in diffs.items()) + "</ul>")
         out.append(_table(
@@ -792,19 +893,9 @@ def render_html(
             ],
             numeric_from=2,
         ))
-    out.append("<h2>Training</h2>")
-    if not curves and not plans:
-        out.append('<p class="note">No training logs found beside the probe results.</p>')
-    for stage in dict.fromkeys([*curves, *plans]):  # pipeline order
-        out.append(f"<h3>{_esc(stage)}</h3>")
-        chart = svg_lines(curves.get(stage, {}), x_label="optimizer step", y_label="loss")
-        out.append(chart or '<p class="note">No loss log.</p>')
-        plan = plans.get(stage)
-        if plan:
-            out.append(_table(["plan", "value"], sorted(plan.items())))
     table = cause_table({m: failure_causes(failures.get(m, [])) for m in models})
     order = list(next(iter(table.values()))) if table else []
-    out.append("<h2>Failure causes (count of prompts)</h2>")
+    out.append("<h3>Failure causes (count of prompts)</h3>")
     if order:
         out.append(_table(["model", *order], [[m, *(table[m][c] for c in order)] for m in models]))
     else:
@@ -819,7 +910,7 @@ def render_html(
                 f"<code>{_esc(example.get('id', ''))}</code></summary><pre>{_esc(example.get('output', ''))}</pre>"
                 f"</details>"
             )
-    out.append("<h2>Samples</h2><ul>")
-    out += [f'<li><a href="{_esc(path)}">{_esc(model)}: {_esc(path)}</a></li>' for model, path in samples.items()]
-    out.append("</ul></body></html>")
-    return "\n".join(out) + "\n"
+    out.append("<h3>Samples</h3><ul>")
+    out += [f'<li><a href="{_esc(path)}">{_esc(model)}: {_esc(path)}</a></li>' for model, path in suite.samples.items()]
+    out.append("</ul>")
+    return out

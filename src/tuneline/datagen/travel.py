@@ -3,7 +3,8 @@
 This module and ``data/seed/`` are the only places that know about travel. It reads
 
 - ``destinations.jsonl``: one destination a line (facts a traveller needs, and ``split``:
-  ``train`` destinations feed training, ``probe`` destinations are held out for probing);
+  ``train`` destinations feed training, ``probe`` destinations are held out for probing,
+  ``dev`` ones for development prompts, never trained on);
 - a phrasings file (``train_phrasings.json`` for training, ``probe_phrasings.json`` for the
   probe suite): traveller profiles, task wordings and instruction templates per payload type.
 
@@ -44,7 +45,7 @@ from tuneline.errors import InputError
 from tuneline.records import RecordError, read_json, read_jsonl
 
 PAYLOAD_TYPES = ("itinerary", "checklist", "budget", "phrasebook", "procedure")
-SPLITS = ("train", "probe")
+SPLITS = ("train", "probe", "dev")
 TASKS = {
     "transit_ticket": "Buy a public transport ticket",
     "airport": "Get from the airport to the centre",

@@ -1,14 +1,16 @@
 """clean: validate, normalise, deduplicate, length-check, leak-check and split the examples.
 
 Reads:   ``paths.generated``/``sft.jsonl`` and ``preferences.jsonl``, ``paths.schema_file``,
-         the probe suite (``paths.probe_suite``), the tokenizer in
+         every held-out prompt file (``Params.held_out_files``: each suite of
+         ``probe.suites`` and the development suite ``paths.dev_suite``), the tokenizer in
          ``paths.base_model``.
 Writes:  ``paths.clean``/``train.jsonl``, ``val.jsonl``, ``rejected.jsonl`` (every dropped
          record with its reason and details), ``lengths.jsonl`` (token counts of every
          record that was tokenized), ``preferences.jsonl`` (imported preference triples that
          passed the leakage and contamination checks); ``paths.metrics``/``clean.json``;
          the run record ``paths.reports``/``provenance/clean.json``.
-Params:  ``task``, ``paths``, ``model.format``, ``clean``, ``sft.max_seq_len``.
+Params:  ``task``, ``paths``, ``probe.suites.<name>.path``, ``model.format``, ``clean``,
+         ``sft.max_seq_len``.
 
 Normalisation (applied once, before any filter): Unicode NFC everywhere; the instruction
 keeps its line breaks but loses leading/trailing space on each line and runs of spaces
@@ -25,12 +27,13 @@ stops at the first reason (the reason names in ``rejected_by_reason``). Filters 
 4. ``duplicate``: same normalised instruction, system text and completion as a kept record;
 5. ``near_duplicate``: word n-gram (``clean.ngram``) Jaccard of instruction + completion
    >= ``clean.near_duplicate_jaccard`` with a kept record (the first one is kept);
-6. ``probe_leak``: the instruction equals a probe prompt (after normalisation) or has
-   Jaccard >= ``clean.leakage_jaccard`` with one;
+6. ``probe_leak``: the instruction equals a held-out prompt (of any probe suite or the
+   development suite; after normalisation) or has Jaccard >= ``clean.leakage_jaccard``
+   with one;
 7. the task's filters (``tuneline.tasks``): for ``task: travel``, ``probe_destination``:
    with ``clean.exclude_probe_destinations``, the instruction or the completion names an
-   entity the probe suite expects (any ``expect`` value at a path ending in
-   ``destination``), as a whole word;
+   entity a held-out suite expects (any ``expect`` value at a path ending in
+   ``destination``: the probe and the development destinations), as a whole word;
 8. ``chat_token``: the encoded prompt text or completion contains a special token id of
    the tokenizer (chat markers, BOS/EOS) - contamination;
 9. ``over_length``: prompt + completion + EOS tokens exceed ``sft.max_seq_len``. Policy
@@ -113,7 +116,7 @@ def run(params: Params) -> dict[str, Any]:
     fmt = params.model.format
     generated = Path(params.paths.generated)
     contract = load_contract(params.paths.schema_file)
-    probe = read_jsonl(params.probe_suite, required={"instruction": str})
+    probe = held_out_prompts(params)
     records = read_jsonl(generated / "sft.jsonl", required=_SFT_FIELDS, allow_empty=True)
     pref_path = generated / "preferences.jsonl"
     preferences = (
@@ -164,11 +167,25 @@ def run(params: Params) -> dict[str, Any]:
         "clean",
         {
             "contract_sha256": sha256_file(params.paths.schema_file),
-            "probe_suite_sha256": sha256_file(params.probe_suite),
+            "held_out_sha256": {path: sha256_file(path) for path in params.held_out_files},
             "format": params.model.format,
         },
     )
     return metrics
+
+
+def held_out_prompts(params: Params) -> list[dict[str, Any]]:
+    """The prompts of every held-out file (``Params.held_out_files``), in order."""
+    prompts: list[dict[str, Any]] = []
+    seen: dict[Any, str] = {}
+    for path in params.held_out_files:
+        for line, record in enumerate(read_jsonl(path, required={"instruction": str}), start=1):
+            if record["id"] in seen:
+                raise InputError(f"{path}:{line}: id {record['id']!r} is also in {seen[record['id']]}; held-out "
+                                 "prompt ids must be unique across the suites")
+            seen[record["id"]] = str(path)
+            prompts.append(record)
+    return prompts
 
 
 def _leak_filters(params: Params, probe: list[dict[str, Any]], alive: list[Candidate]) -> list[Filter]:

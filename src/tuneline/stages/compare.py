@@ -1,21 +1,24 @@
 """compare: rates with intervals and paired differences between the probed models.
 
-Reads:  for every model in ``probe.models``: ``<metrics>/probe/<model>.json``,
-        ``<reports>/probe/<model>.{samples,failures}.jsonl`` and the run record
+Reads:  for every model in ``probe.models`` and every suite in ``probe.suites``:
+        ``<metrics>/probe/<suite>/<model>.json``,
+        ``<reports>/probe/<suite>/<model>.{samples,failures}.jsonl`` and the run record
         ``<reports>/provenance/probe/<model>.json`` (suite and contract hashes); for the
         training stages (``sft``, ``dpo``) where present, the DVCLive loss logs
         ``<metrics>/<stage>/plots/metrics/{loss,eval/loss}.tsv`` and the plan in
         ``<reports>/provenance/<stage>.json``.
-Writes: ``<metrics>/compare.json`` (rates, differences, hashes: a stage output, not a DVC
-        metric), ``<reports>/compare.md``, ``<reports>/compare_rates.png``,
-        ``<reports>/compare_rates.json`` (the rates with intervals as DVC plot data),
-        ``<reports>/index.html`` (one self-contained page: tables, inline SVG charts, loss
-        curves, plans, failure causes with examples, links to the samples) and
+Writes: ``<metrics>/compare.json`` (per suite: rates, differences, hashes; a stage output,
+        not a DVC metric), ``<reports>/compare.md`` (a section per suite),
+        ``<reports>/compare_rates.png`` (a panel per suite), ``<reports>/compare_rates.json``
+        (the rates with intervals as DVC plot data, a ``suite`` field per row),
+        ``<reports>/index.html`` (one self-contained page: per suite tables, inline SVG
+        charts, failure causes with examples, links to the samples; loss curves, plans) and
         ``<reports>/provenance/compare.json`` (commit, versions, confidence).
-Params: ``probe.models``, ``compare.baseline``, ``compare.pairs``, ``compare.confidence``,
+Params: ``probe.models``, ``probe.suites`` (names and paths), ``compare.baseline``, ``compare.pairs``, ``compare.confidence``,
         ``compare.min_effect``, ``compare.power``.
 
-Every per-sample binary outcome the probe records (parse, schema validity, each task
+Each suite is compared on its own (suites have different prompts; nothing is paired
+across them). Every per-sample binary outcome the probe records (parse, schema validity, each task
 check, truncation, and with a task's knowledge base ``facts_accuracy`` over the samples
 whose facts were checked) gets, per model, a rate with a Wilson interval; and, for every model
 against ``compare.baseline`` and for every pair in ``compare.pairs``, a paired
@@ -43,15 +46,16 @@ from tuneline.provenance import run_provenance_path, write_provenance
 from tuneline.records import read_json, write_json, write_text
 from tuneline.reporting import (
     ProbeRun,
+    SuiteComparison,
     compare_runs,
-    failure_causes,
     load_failures,
     load_probe_run,
     output_paths,
     plot_rates,
+    provenance_path,
     rate_rows,
     render_html,
-    render_markdown,
+    render_suites_markdown,
 )
 
 # The pipeline's training stages: their loss logs and plans go into the HTML report.
@@ -103,10 +107,11 @@ def training_logs(params: Params) -> tuple[dict[str, dict[str, list[tuple[float,
 
 
 def decode_speeds(params: Params) -> dict[str, dict[str, Any]]:
-    """Each probed model's decode timings, from its run record (models without one are left out)."""
+    """Each probed model's decode timings (one generate call over every suite), from its
+    run record (models without one are left out)."""
     speeds: dict[str, dict[str, Any]] = {}
     for name in params.probe.models:
-        record = output_paths(params, name).provenance
+        record = provenance_path(params.paths.reports, name)
         if Path(record).is_file():
             run = read_json(record).get("run") or {}
             if "generation_s" in run:
@@ -114,47 +119,54 @@ def decode_speeds(params: Params) -> dict[str, dict[str, Any]]:
     return speeds
 
 
-def run(params: Params) -> dict[str, Any]:
-    cp = params.compare
+def compare_suite(params: Params, suite: str) -> SuiteComparison:
+    """Every model's run on ``suite`` loaded and compared (rates, paired differences)."""
+    reports = Path(params.paths.reports)
     runs: dict[str, ProbeRun] = {}
     failures: dict[str, list[dict[str, Any]]] = {}
+    samples: dict[str, str] = {}
     for name in params.probe.models:
-        paths = output_paths(params, name)
-        runs[name] = load_probe_run(name, paths.metrics, paths.samples, paths.provenance)
+        paths = output_paths(params, name, suite)
+        runs[name] = load_probe_run(name, paths, suite)
         failures[name] = load_failures(paths.failures) if paths.failures.is_file() else []
-    hashes, rates, diffs = compare_runs(runs, comparisons(params), conf=cp.confidence)
+        samples[name] = Path(os.path.relpath(paths.samples, reports)).as_posix()
+    hashes, rates, diffs = compare_runs(runs, comparisons(params), conf=params.compare.confidence)
+    return SuiteComparison(
+        name=suite, path=params.probe.suites[suite].path, hashes=hashes, rates=rates, diffs=diffs,
+        failures=failures, samples=samples,
+    )
+
+
+def run(params: Params) -> dict[str, Any]:
+    cp = params.compare
+    suites = {suite: compare_suite(params, suite) for suite in params.probe.suites}
 
     reports = Path(params.paths.reports)
     plot_path = reports / "compare_rates.png"
-    plot_rates(rates, plot_path, conf=cp.confidence)
-    markdown = render_markdown(
-        rates,
-        diffs,
-        hashes,
+    plot_rates({name: s.rates for name, s in suites.items()}, plot_path, conf=cp.confidence)
+    markdown = render_suites_markdown(
+        suites,
         conf=cp.confidence,
         min_effect=cp.min_effect,
         power=cp.power,
         plot_name=plot_path.name,
-        causes={name: failure_causes(groups) for name, groups in failures.items()},
         speeds=decode_speeds(params),
     )
     write_text(reports / "compare.md", markdown)
-    write_json(reports / "compare_rates.json", rate_rows(rates))
+    write_json(reports / "compare_rates.json", [row for name, s in suites.items() for row in rate_rows(s.rates, name)])
     curves, plans = training_logs(params)
-    samples = {
-        name: Path(os.path.relpath(output_paths(params, name).samples, reports)).as_posix() for name in runs
-    }
-    page = render_html(
-        rates, diffs, hashes, conf=cp.confidence, failures=failures, curves=curves, plans=plans, samples=samples
-    )
-    write_text(reports / "index.html", page)
+    write_text(reports / "index.html", render_html(suites, conf=cp.confidence, curves=curves, plans=plans))
 
-    metrics: dict[str, Any] = dict(rates)
-    for (a, b), per_metric in diffs.items():
-        metrics[f"{a}_vs_{b}"] = per_metric
-    metrics.update(hashes)
+    metrics: dict[str, Any] = {}
+    for name, s in suites.items():
+        section: dict[str, Any] = dict(s.rates)
+        for (a, b), per_metric in s.diffs.items():
+            section[f"{a}_vs_{b}"] = per_metric
+        section.update(s.hashes)
+        metrics[name] = section
     write_json(Path(params.paths.metrics) / "compare.json", metrics)
     write_provenance(
-        run_provenance_path(reports, "compare"), {"stage": "compare", "confidence": cp.confidence, "interval": "newcombe"}
+        run_provenance_path(reports, "compare"),
+        {"stage": "compare", "confidence": cp.confidence, "interval": "newcombe", "suites": list(suites)},
     )
     return metrics

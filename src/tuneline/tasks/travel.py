@@ -7,7 +7,8 @@ Everything the pipeline does only for travel lives here or in ``tuneline.datagen
   records (``meta.expect`` = payload type and destination) and teacher shots from
   ``gold.jsonl`` that never show the request's own destination;
 - clean: ``probe_destination`` (with ``clean.exclude_probe_destinations``), a record naming
-  an entity the probe suite expects at a path ending in ``destination``, as a whole word;
+  an entity a held-out suite (every probe suite and the development suite) expects at a
+  path ending in ``destination``, as a whole word;
 - pairs: ``off_topic`` and ``wrong_payload_type`` negatives;
 - probe: a limited suite is stratified by ``payload_type``.
 """
@@ -99,7 +100,8 @@ def shots(gold: Sequence[dict[str, Any]], k: int, e: travel.Example, seed: int) 
 
 
 def probe_entities(probe: Sequence[dict[str, Any]]) -> list[str]:
-    """Values the probe suite expects at paths ending in 'destination'."""
+    """Values the held-out prompts (every probe suite and the development suite) expect at
+    paths ending in 'destination'."""
     found = {
         str(v)
         for p in probe
