@@ -53,14 +53,14 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 TINY = {
     "sft": {
-        "max_seq_len": 2048, "min_optimizer_steps": 0, "lora": {"r": 4, "alpha": 8},
+        "max_seq_len": 2048, "min_optimizer_steps": 0, "lora": {"r": 4, "alpha": 8}, "curve": {"every_n_steps": 0},
         "trainer": {
             "num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
             "save_steps": 1000,
         },
     },
     "dpo": {
-        "max_length": 2048, "min_optimizer_steps": 0, "lora": {"r": 4, "alpha": 8},
+        "max_length": 2048, "min_optimizer_steps": 0, "lora": {"r": 4, "alpha": 8}, "curve": {"every_n_steps": 0},
         "trainer": {
             "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "num_train_epochs": 1,
             "logging_steps": 1, "save_steps": 1000,

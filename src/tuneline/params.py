@@ -234,6 +234,18 @@ def _check_trainer_values(stage: str, values: dict[str, Any]) -> list[str]:
     return problems
 
 
+class CurveParams(Section):
+    """The contract's learning curve during training (``tuneline.training.curve``): every
+    ``every_n_steps`` optimizer steps (and at step 0 and the last step; 0: off) greedy
+    outputs on a stratified prefix of the development suite, judged as the probe judges."""
+
+    every_n_steps: NonNegativeInt
+    suite: str = "data/seed/dev_suite.jsonl"
+    limit: PositiveInt | None = 12  # null: the whole suite
+    batch_size: PositiveInt = 12
+    max_new_tokens: PositiveInt | None = None  # null: probe.max_new_tokens
+
+
 class SftParams(Section):
     max_seq_len: PositiveInt = 384
     padding_free: bool = False
@@ -246,6 +258,7 @@ class SftParams(Section):
     # Speed-ups with the same result (tuneline.training.fused_lora, .lean_step).
     fused_lora: bool = False
     sync_free_metrics: bool = False
+    curve: CurveParams = CurveParams(every_n_steps=42)  # ~4 points over the default 168 steps
     lora: LoraParams = LoraParams()
     trainer: dict[str, Any] = Field(default_factory=lambda: dict(SFT_TRAINER))
 
@@ -279,6 +292,7 @@ class DpoParams(Section):
     min_optimizer_steps: NonNegativeInt = 16
     strict_plan: bool = False
     max_pairs: PositiveInt | None = 40  # null: all (GPU scale)
+    curve: CurveParams = CurveParams(every_n_steps=10)  # ~2 points over the default 20 steps
     lora: LoraParams = LoraParams()
     trainer: dict[str, Any] = Field(default_factory=lambda: dict(DPO_TRAINER))
 

@@ -46,14 +46,14 @@ the prompts and rank 0 judges and writes them all, in suite order (``tuneline.pa
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tuneline.contract import load_suite
 from tuneline.errors import InputError
+from tuneline.judging import FactCheck, judge, select_subset  # shared with the training curve
 from tuneline.params import Params
 from tuneline.provenance import sha256_file, write_provenance
 from tuneline.records import write_json, write_jsonl
@@ -66,8 +66,6 @@ from tuneline.reporting import (
 )
 
 EXAMPLES_PER_CAUSE = 3
-# A task's facts check (``Task.facts(params)``): (parsed value, expect) -> facts or None.
-FactCheck = Callable[[Any, Mapping[str, Any]], dict[str, Any] | None]
 
 
 def adapter_dir(params: Params, model: str) -> str | None:
@@ -79,58 +77,6 @@ def adapter_dir(params: Params, model: str) -> str | None:
     if where is None or Path(where).resolve() == Path(params.paths.base_model).resolve():
         return None
     return where
-
-
-def _id_rank(record: Mapping[str, Any]) -> str:
-    return hashlib.sha256(str(record["id"]).encode("utf-8")).hexdigest()
-
-
-def select_subset(
-    suite: Sequence[dict[str, Any]], limit: int | None, stratify_by: Sequence[str], source: str = "suite"
-) -> list[dict[str, Any]]:
-    """A deterministic subset of at most ``limit`` lines, stratified by expect values."""
-    if limit is None or limit >= len(suite):
-        return list(suite)
-    for key in stratify_by:
-        if key not in suite[0]["expect"]:
-            raise InputError(
-                f"probe.stratify_by: {key!r} is not an expect key of {source} "
-                f"(allowed: {', '.join(suite[0]['expect']) or 'none'})"
-            )
-    strata: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]] = defaultdict(list)
-    for position, line in enumerate(suite):
-        strata[tuple(str(line["expect"][k]) for k in stratify_by)].append((position, line))
-    queues = [sorted(strata[k], key=lambda item: _id_rank(item[1])) for k in sorted(strata)]
-    chosen: list[tuple[int, dict[str, Any]]] = []
-    depth = 0
-    while len(chosen) < limit:
-        for queue in queues:
-            if depth < len(queue) and len(chosen) < limit:
-                chosen.append(queue[depth])
-        depth += 1
-    return [line for _, line in sorted(chosen, key=lambda item: item[0])]
-
-
-def judge(
-    output: str, finish_reason: str, expect: Mapping[str, Any], contract: Any, facts: FactCheck | None = None
-) -> dict[str, Any]:
-    """The judged fields of a sample: ``Contract.judge``'s verdict on one output, and with
-    a task's ``facts`` check the facts a parsed, schema-valid output states (``facts``:
-    ``{checked, wrong}``, or None when not checked: not valid, or a destination the
-    knowledge base does not know). Without a facts check there is no ``facts`` field."""
-    v = contract.judge(output, expect, finish_reason)
-    judged = {
-        "parsed": v.parsed,
-        "parse_error": v.parse_error,
-        "valid": v.valid,
-        "errors": v.errors,
-        "checks": v.checks,
-        "fields_present": v.fields_present,
-        "cause": v.cause,
-    }
-    if facts is not None:
-        judged["facts"] = facts(v.value, expect) if v.valid else None
-    return judged
 
 
 def group_failures(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -126,13 +126,16 @@ class ThroughputCallback(TrainerCallback):
         elif state.global_step > self.skip and self.start is not None:
             self.end = (*self._mark(state), state.global_step)
 
-    def summary(self, tokens_per_step: float) -> dict[str, Any]:
+    def summary(self, tokens_per_step: float, paused: Mapping[int, float] | None = None) -> dict[str, Any]:
         """``steady_steps``, ``steady_s`` and ``steady_tokens_per_s`` (None when too few
         steps). Tokens are the Trainer's count of non-padding input tokens; where the
-        Trainer counts none, ``tokens_per_step`` (the plan's) per step."""
+        Trainer counts none, ``tokens_per_step`` (the plan's) per step. ``paused``: seconds
+        spent after a step's end on other work (the curve's evaluations), by step; those
+        inside the measured steps are left out."""
         if self.start is None or self.end is None:
             return {"steady_steps": 0, "steady_s": None, "steady_tokens_per_s": None}
         seconds = self.end[0] - self.start[0]
+        seconds -= sum(s for step, s in (paused or {}).items() if self.skip <= step < self.end[2])
         steps = self.end[2] - self.skip
         tokens = (self.end[1] - self.start[1]) or tokens_per_step * steps
         return {

@@ -48,6 +48,7 @@ from tuneline.training.checkpoints import (
     resume_checkpoint,
     train_with_checkpoints,
 )
+from tuneline.training.curve import CurveCallback, attach_curve
 from tuneline.training.distributed import from_main, match_adapter_dtype, trained_model
 from tuneline.training.outputs import (
     epoch_losses,
@@ -109,7 +110,13 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
             # DVCLive writes beside the final directory; it replaces it when the stage's
             # outputs are committed, and a failed run leaves the previous log.
             live_dir = stack.enter_context(atomic_dir(plot_dir))
-            trainer.add_callback(LiveCallback(open_live(live_dir), job.plot_keys))
+            live = LiveCallback(open_live(live_dir), job.plot_keys)
+            trainer.add_callback(live)
+        # After the LiveCallback: its replay of a restored log at train begin comes before
+        # the curve's step-0 point is logged. Every rank reads the suite; rank 0 evaluates.
+        curve = attach_curve(params, stage, trainer, loaded)
+        if main and curve is not None:
+            live.keys = (*live.keys, *curve.suite.keys)
         started = time.perf_counter()
         result = train_with_checkpoints(trainer, resume, ckpt_dir, stage)
         runtime = time.perf_counter() - started
@@ -120,13 +127,13 @@ def train_adapter(params: Params, job: Job, trainer: Any, loaded: Loaded, plan: 
             return from_main(None, ckpt_dir)  # the main process's results (other machines share no disk)
         change = check_weights_changed(model, initial, stage, state)
         return _finish(params, job, trainer, loaded, plan, result, runtime, change, state, model, warnings,
-                       start, throughput, stack)
+                       start, throughput, stack, curve)
 
 
 def _finish(
     params: Params, job: Job, trainer: Any, loaded: Loaded, plan: Plan, result: Any, runtime: float, change: float,
     state: Any, model: Any, warnings: list[str], start: StartCallback, throughput: ThroughputCallback,
-    stack: contextlib.ExitStack,
+    stack: contextlib.ExitStack, curve: CurveCallback | None,
 ) -> dict[str, Any]:
     """The main process's outputs: model directory, DVCLive log, metrics, run record."""
     stage = job.stage
@@ -155,7 +162,9 @@ def _finish(
         "warnings": warnings,
         **results,
         **timing(runtime, start.start_step, plan),
-        **throughput.summary(plan.tokens_total / max(plan.optimizer_steps, 1)),
+        # the curve's evaluations are left out of the steady throughput, and timed on their own
+        **throughput.summary(plan.tokens_total / max(plan.optimizer_steps, 1), curve.timed if curve else None),
+        **(curve.summary() if curve else {}),
         "eval_loss_per_epoch": epoch_losses(history),
         "log": plot_dir.as_posix(),
     }
