@@ -28,10 +28,12 @@ def write_suite(path: Path, n: int = 6) -> str:
     return str(path)
 
 
-def curve_params(root: Path, model: Path, curve: dict[str, Any], extra: dict[str, Any] | None = None) -> Any:
-    suite = write_suite(root / "dev_suite.jsonl")
-    overrides = {"sft": {"curve": {"suite": suite, "max_new_tokens": 6, **curve},
-                         "trainer": {"per_device_train_batch_size": 2}}}
+def curve_params(
+    root: Path, model: Path, curve: dict[str, Any], extra: dict[str, Any] | None = None, suite: str | None = None
+) -> Any:
+    suite = suite or write_suite(root / "dev_suite.jsonl")
+    overrides = {"paths": {"dev_suite": suite}, "sft": {"curve": {"max_new_tokens": 6, **curve},
+                                                        "trainer": {"per_device_train_batch_size": 2}}}
     for key, value in (extra or {}).items():
         overrides["sft"][key] = {**overrides["sft"].get(key, {}), **value}
     return tiny_params(root, model, overrides)
@@ -161,7 +163,7 @@ def test_resume_neither_loses_nor_repeats_a_point(
 
 
 def test_disabled_curve_loads_no_suite(tmp_path: Path, tiny_model_dir: Path) -> None:
-    params = curve_params(tmp_path, tiny_model_dir, {"every_n_steps": 0, "suite": str(tmp_path / "missing.jsonl")})
+    params = curve_params(tmp_path, tiny_model_dir, {"every_n_steps": 0}, suite=str(tmp_path / "missing.jsonl"))
     write_clean(params)
     metrics = sft.run(params)
     assert "curve_points" not in metrics
@@ -169,15 +171,15 @@ def test_disabled_curve_loads_no_suite(tmp_path: Path, tiny_model_dir: Path) -> 
 
 
 def test_bad_suite_or_limit_is_named(tmp_path: Path, tiny_model_dir: Path) -> None:
-    params = curve_params(tmp_path, tiny_model_dir, {"every_n_steps": 2, "suite": str(tmp_path / "missing.jsonl")})
+    params = curve_params(tmp_path, tiny_model_dir, {"every_n_steps": 2}, suite=str(tmp_path / "missing.jsonl"))
     write_clean(params)
-    with pytest.raises(InputError, match=r"sft\.curve\.suite: .*missing\.jsonl.* is not a file"):
+    with pytest.raises(InputError, match=r"paths\.dev_suite: .*missing\.jsonl.* is not a file"):
         sft.run(params)
     assert not Path(params.paths.sft_model).exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "x", "instruction": "hi"}\n')
-    params = curve_params(tmp_path, tiny_model_dir, {"every_n_steps": 2, "suite": str(bad)})
-    with pytest.raises(InputError, match=r"sft\.curve\.suite: .*bad\.jsonl:1"):
+    params = curve_params(tmp_path, tiny_model_dir, {"every_n_steps": 2}, suite=str(bad))
+    with pytest.raises(InputError, match=r"paths\.dev_suite: .*bad\.jsonl:1"):
         sft.run(params)
     with pytest.raises(InputError, match=r"sft\.curve\.limit"):
         curve_params(tmp_path, tiny_model_dir, {"every_n_steps": 2, "limit": 0})
@@ -188,7 +190,8 @@ def test_bad_suite_or_limit_is_named(tmp_path: Path, tiny_model_dir: Path) -> No
 def test_dpo_logs_its_curve(tmp_path: Path, tiny_model_dir: Path) -> None:
     suite = write_suite(tmp_path / "dev_suite.jsonl")
     params = tiny_params(tmp_path, tiny_model_dir, {
-        "dpo": {"max_pairs": 4, "curve": {"every_n_steps": 1, "suite": suite, "limit": 3, "max_new_tokens": 4}},
+        "paths": {"dev_suite": suite},
+        "dpo": {"max_pairs": 4, "curve": {"every_n_steps": 1, "limit": 3, "max_new_tokens": 4}},
     })
     write_clean(params)
     sft.run(params)

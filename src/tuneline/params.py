@@ -240,9 +240,8 @@ class CurveParams(Section):
     outputs on a stratified prefix of the development suite, judged as the probe judges."""
 
     every_n_steps: NonNegativeInt
-    suite: str = "data/seed/dev_suite.jsonl"
-    limit: PositiveInt | None = 12  # null: the whole suite
-    batch_size: PositiveInt = 12
+    limit: PositiveInt | None = 10  # lines of paths.dev_suite; null: the whole suite
+    batch_size: PositiveInt = 10
     max_new_tokens: PositiveInt | None = None  # null: probe.max_new_tokens
 
 
@@ -258,7 +257,7 @@ class SftParams(Section):
     # Speed-ups with the same result (tuneline.training.fused_lora, .lean_step).
     fused_lora: bool = False
     sync_free_metrics: bool = False
-    curve: CurveParams = CurveParams(every_n_steps=42)  # ~4 points over the default 168 steps
+    curve: CurveParams = CurveParams(every_n_steps=56)  # 4 points over the default 168 steps (0, 56, 112, 168)
     lora: LoraParams = LoraParams()
     trainer: dict[str, Any] = Field(default_factory=lambda: dict(SFT_TRAINER))
 
@@ -292,7 +291,7 @@ class DpoParams(Section):
     min_optimizer_steps: NonNegativeInt = 16
     strict_plan: bool = False
     max_pairs: PositiveInt | None = 40  # null: all (GPU scale)
-    curve: CurveParams = CurveParams(every_n_steps=10)  # ~2 points over the default 20 steps
+    curve: CurveParams = CurveParams(every_n_steps=10)  # 3 points over the default 20 steps (0, 10, 20)
     lora: LoraParams = LoraParams()
     trainer: dict[str, Any] = Field(default_factory=lambda: dict(DPO_TRAINER))
 

@@ -2,7 +2,7 @@
 against the optimizer step, beside the loss.
 
 ``CurveCallback`` generates greedily on a stratified prefix of a development suite
-(``<stage>.curve``: ``suite``, ``limit``; the strata are the task's) at step 0 (the
+(``paths.dev_suite``; ``<stage>.curve.limit`` lines, stratified as the task's) at step 0 (the
 flat start, before the first update), every ``every_n_steps`` optimizer steps and at the
 last step, judges every output exactly as the probe does (``tuneline.judging.judge``,
 ``tuneline.reporting.binary_outcomes``) and logs ``curve/parse_rate``,
@@ -50,23 +50,24 @@ class DevSuite:
 
 
 def load_dev_suite(params: Params, stage: str, loaded: Loaded) -> DevSuite:
-    """The ``<stage>.curve`` suite subset, encoded in the model's format; InputError naming
-    ``<stage>.curve.suite`` when it is missing or malformed."""
+    """The first ``<stage>.curve.limit`` lines of the development suite (``paths.dev_suite``),
+    encoded in the model's format; InputError naming the param when it is missing or malformed."""
     from tuneline import tasks
     from tuneline.contract import load_contract, load_suite, task_checks
     from tuneline.judging import select_subset
     from tuneline.prompting import render
 
     curve = getattr(params, stage).curve
-    param = f"{stage}.curve.suite"
-    if not Path(curve.suite).is_file():
+    param = "paths.dev_suite"
+    path = params.paths.dev_suite
+    if not path or not Path(path).is_file():
         raise InputError(
-            f"{param}: {curve.suite!r} is not a file (allowed: a suite .jsonl like paths.probe_suite, "
-            f"or {stage}.curve.every_n_steps: 0 to turn the curve off)"
+            f"{param}: {path!r} is not a file ({stage}.curve.every_n_steps is {curve.every_n_steps}; allowed: "
+            f"a suite .jsonl like the probe suites, or {stage}.curve.every_n_steps: 0 to turn the curve off)"
         )
     try:
-        suite = load_suite(curve.suite)
-        lines = select_subset(suite, curve.limit, tasks.get(params.task).stratify_by, curve.suite, param)
+        suite = load_suite(path)
+        lines = select_subset(suite, curve.limit, tasks.get(params.task).stratify_by, path, f"{stage}.curve.limit")
         prompt_ids = loaded.encode([render(line["instruction"], loaded.format) for line in lines])
     except InputError as exc:
         raise InputError(f"{param}: {exc}") from exc
