@@ -38,7 +38,8 @@ if sft_records:
     p["sft"]["max_records"] = int(sft_records)
 if dpo_pairs:
     p["dpo"]["max_pairs"] = int(dpo_pairs)
-p["probe"]["limit"] = int(limit)
+p["probe"]["suites"]["heldout"]["limit"] = int(limit)
+p["probe"]["suites"]["natural"]["limit"] = int(limit)
 p["probe"]["max_new_tokens"] = int(max_new)
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PY
@@ -56,9 +57,9 @@ PY
     sha() { sha256sum "$1" | cut -c1-16; }
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$dtype" "$name" "${aten:--}" "${isa:--}" "$(( $(date +%s) - start ))" \
       "$(sha models/sft/adapter_model.safetensors)" "$(sha models/dpo/adapter_model.safetensors)" \
-      "$(sha reports/probe/base.samples.jsonl)" "$(sha reports/probe/sft.samples.jsonl)" \
-      "$(sha reports/probe/dpo.samples.jsonl)" | tee -a "$out"
+      "$(sha reports/probe/heldout/base.samples.jsonl)" "$(sha reports/probe/heldout/sft.samples.jsonl)" \
+      "$(sha reports/probe/heldout/dpo.samples.jsonl)" | tee -a "$out"
     mkdir -p "$dir/$dtype-$name"
-    cp reports/probe/{base,sft,dpo}.samples.jsonl "$dir/$dtype-$name/"
+    cp reports/probe/heldout/{base,sft,dpo}.samples.jsonl "$dir/$dtype-$name/"
   done
 done
