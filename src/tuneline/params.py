@@ -239,9 +239,10 @@ class SftParams(Section):
     strict_plan: bool = False
     max_records: PositiveInt | None = 336  # null: all (GPU scale)
     max_eval_records: PositiveInt | None = 16
-    # Speed-ups with the same result (tuneline.training.fused_lora, .lean_step).
+    # Speed-ups with the same result (tuneline.training.fused_lora, .lean_step, .cpu_loss).
     fused_lora: bool = False
     sync_free_metrics: bool = False
+    completion_logits_only: bool = True
     lora: LoraParams = LoraParams()
     trainer: dict[str, Any] = Field(default_factory=lambda: dict(SFT_TRAINER))
 
