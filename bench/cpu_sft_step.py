@@ -191,11 +191,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per variant per round (the first is dropped)")
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps of each variant first")
     ap.add_argument("--head", type=int, default=0, help="time the LM head + loss alone this many rounds first")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default). On a shared machine 1 thread avoids the stalls of a "
+                         "2-thread parallel region whose second thread is descheduled, which dominate step times")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = args.variants.split(",")
     records = load_records(args.data, args.records)
     work = Path(tempfile.mkdtemp(prefix="cpu-sft-step-"))

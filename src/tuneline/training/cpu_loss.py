@@ -43,26 +43,28 @@ def _logprob_function() -> Any:
         @staticmethod
         def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
             ctx.set_materialize_grads(False)
+            # max and argmax on the unconverted logits (the float32 upcast is exact); argmax is the first
+            # maximum, so a tie with an earlier token is a miss, as in TRL
+            top = logits.max(-1)
             z = logits.float()
-            log_z = torch.logsumexp(z, dim=-1)
             target_logit = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            probs = torch.sub(z, log_z.unsqueeze(-1)).exp_()
-            entropy = log_z - (probs * z).sum(-1)
-            # on the unconverted logits (the upcast is exact): argmax is the first maximum, so a tie with an
-            # earlier token is a miss, as in TRL
-            is_top1 = logits.argmax(-1) == targets
-            ctx.save_for_backward(probs, targets)
+            exp = torch.sub(z, top.values.float().unsqueeze(-1)).exp_()  # exp(z - max): one pass, kept for backward
+            sum_exp = exp.sum(-1)
+            log_z = top.values.float() + sum_exp.log()
+            entropy = log_z - torch.linalg.vecdot(exp, z) / sum_exp  # log Z - sum p z
+            ctx.save_for_backward(exp, sum_exp, targets)
             ctx.logits_dtype = logits.dtype
-            ctx.mark_non_differentiable(entropy, is_top1)
-            return target_logit - log_z, entropy, is_top1
+            ctx.mark_non_differentiable(entropy)
+            return target_logit - log_z, entropy, top.indices == targets
 
         @staticmethod
         def backward(ctx: Any, grad_log_probs: Any, *_: Any) -> tuple[Any, None]:
             if grad_log_probs is None:
                 return None, None
-            probs, targets = ctx.saved_tensors
-            grad = probs.mul_(-grad_log_probs.float().unsqueeze(-1))  # once: a second backward fails on the version
-            grad.scatter_add_(-1, targets.unsqueeze(-1), grad_log_probs.float().unsqueeze(-1))
+            exp, sum_exp, targets = ctx.saved_tensors
+            g = grad_log_probs.float().unsqueeze(-1)
+            grad = exp.mul_(-g / sum_exp.unsqueeze(-1))  # -g p, in place: a second backward fails on the version
+            grad.scatter_add_(-1, targets.unsqueeze(-1), g)
             return grad.to(ctx.logits_dtype), None
 
     return CompletionLogProbs
