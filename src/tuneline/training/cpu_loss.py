@@ -7,20 +7,21 @@ log-probability of each next-token label, its entropy and whether it is the top-
 zero where the label is ``-100``. On CUDA a Triton kernel scores only the positions with a
 label; elsewhere (CPU) TRL folds every position, prompt and padding included, through
 vocabulary tiles in torch ops, upcasting each ``[tokens, 32768]`` tile to float32 and
-recomputing it in the backward pass. With completion-only loss most positions are prompt.
+recomputing it in the backward pass; its entropy and top-1 take further passes over each
+tile. On the embedded model this was about 40% of a CPU sft step (BENCHMARKS.md).
 
 ``completion_logits_only(trainer)`` wraps that fused forward: on a device without Triton
 it selects the hidden states whose label is not ``-100`` first, then projects them through
 the LM head (under the caller's autocast, as TRL does), and takes the log-softmax, entropy
-and top-1 from those logits in float32. It returns TRL's ``FusedCausalLMOutput`` with the
+and top-1 from those logits with one float32 exp pass. It returns TRL's ``FusedCausalLMOutput`` with the
 same shapes and zeros, so the trainer's own ``compute_loss`` (or ``lean_step``'s)
 normalises the loss as before (``num_items_in_batch``) and logs the same metrics. The
-gradient of the selected logits is ``g * (onehot - softmax)``, computed once from the
-probabilities kept from the forward pass (TRL recomputes the tile).
+gradient of the selected logits is ``g * (onehot - softmax)``, from the exponentials kept
+from the forward pass (TRL recomputes the tile). An adapter on the LM head itself is
+applied (the module is called); TRL's head reads the bare weight.
 
 Anything it does not cover runs TRL's forward unchanged: a Triton device (TRL already
-scores only labelled positions there), a logit softcap or scale, an LM head bias, MoE
-router logits, a sharded (DTensor) head, or a forward without ``fused_lm_head``. The
+scores only labelled positions there), a logit softcap or scale, MoE router logits, a sharded (DTensor) head, or a forward without ``fused_lm_head``. The
 entropy it returns carries no gradient (the trainers log it detached).
 """
 
