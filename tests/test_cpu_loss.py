@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 
-def _trainer(tmp_path, tiny_model_dir, *, on: bool, padding_free: bool = False, dtype: str = "float32",
-             steps: int = 4, **sft):
+def _trainer(tmp_path, tiny_model_dir, *, on: bool, padding_free: bool = False, packing: bool = False,
+             dtype: str = "float32", steps: int = 4, **sft):
     import torch
 
     from training_data import clean_records, tiny_params
@@ -17,7 +17,7 @@ def _trainer(tmp_path, tiny_model_dir, *, on: bool, padding_free: bool = False, 
     from tuneline.training import sft as sft_method
 
     params = tiny_params(tmp_path, tiny_model_dir, {"model": {"dtype": dtype}, "sft": {
-        "completion_logits_only": on, "padding_free": padding_free, **sft,
+        "completion_logits_only": on, "padding_free": padding_free, "packing": packing, **sft,
         "trainer": {"max_steps": steps, "logging_steps": 2, "save_strategy": "no",
                     "per_device_train_batch_size": 3, "bf16": dtype == "bfloat16"}}})
     loaded = load(tiny_model_dir, params.model)
@@ -54,17 +54,21 @@ def _loss_and_grads(trainer, num_items: bool):
     return loss.detach(), grads, out
 
 
-@pytest.mark.parametrize("padding_free", [False, True])
+LAYOUTS = {"padded": {}, "padding_free": {"padding_free": True}, "packing": {"packing": True}}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("num_items", [False, True])
-def test_same_loss_gradients_and_outputs(tmp_path, tiny_model_dir, padding_free, num_items):
+def test_same_loss_gradients_and_outputs(tmp_path, tiny_model_dir, layout, num_items):
+    """Padded rows, padding-free rows (position_ids, no attention mask) and packed rows."""
     import torch
 
-    ref = _trainer(tmp_path / "ref", tiny_model_dir, on=False, padding_free=padding_free)
-    new = _trainer(tmp_path / "new", tiny_model_dir, on=True, padding_free=padding_free)
+    ref = _trainer(tmp_path / "ref", tiny_model_dir, on=False, **LAYOUTS[layout])
+    new = _trainer(tmp_path / "new", tiny_model_dir, on=True, **LAYOUTS[layout])
     assert not _patched(ref) and _patched(new)
     ref_loss, ref_grads, ref_out = _loss_and_grads(ref, num_items)
     loss, grads, out = _loss_and_grads(new, num_items)
-    assert ("attention_mask" in ref.data_collator([ref.train_dataset[0]])) != padding_free
+    assert ("attention_mask" in ref.data_collator([ref.train_dataset[0]])) == (layout == "padded")
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-5, atol=0)
     assert torch.equal(out.label_mask, ref_out.label_mask)
