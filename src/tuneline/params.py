@@ -254,9 +254,10 @@ class SftParams(Section):
     strict_plan: bool = False
     max_records: PositiveInt | None = 336  # null: all (GPU scale)
     max_eval_records: PositiveInt | None = 16
-    # Speed-ups with the same result (tuneline.training.fused_lora, .lean_step).
+    # Speed-ups with the same result (tuneline.training.fused_lora, .lean_step, .cpu_loss).
     fused_lora: bool = False
     sync_free_metrics: bool = False
+    completion_logits_only: bool = True
     curve: CurveParams = CurveParams(every_n_steps=56)  # 4 points over the default 168 steps (0, 56, 112, 168)
     lora: LoraParams = LoraParams()
     trainer: dict[str, Any] = Field(default_factory=lambda: dict(SFT_TRAINER))

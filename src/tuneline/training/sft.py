@@ -87,6 +87,10 @@ def build_trainer(params: Params, loaded: Loaded, train_rows: list, eval_rows: l
         from tuneline.training.fused_lora import fuse_lora
 
         fuse_lora(trainer.model)
+    if sp.completion_logits_only:
+        from tuneline.training.cpu_loss import completion_logits_only
+
+        completion_logits_only(trainer)
     if sp.sync_free_metrics:
         from tuneline.training.lean_step import sync_free_metrics
 
