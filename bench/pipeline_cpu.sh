@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The default pipeline on this machine: wall time per stage and in total, then a no-op
 # `dvc repro`. Run from the repository root with the virtualenv active, on a clean
-# workspace (`dvc repro --force` re-runs everything). Writes bench/results/pipeline_cpu.tsv.
+# workspace (`dvc repro --force` re-runs everything). Writes bench/results/pipeline_cpu.tsv
+# when it ends, not while the stages run: a tracked file changed mid-run would stamp every
+# later stage's run record `dirty: true`.
 set -euo pipefail
-out=bench/results/pipeline_cpu.tsv
+final=bench/results/pipeline_cpu.tsv
+out=$(mktemp)
 mkdir -p bench/results
 export HF_HUB_OFFLINE=1
 printf 'stage\tseconds\n' > "$out"
@@ -20,3 +23,4 @@ start=$(date +%s.%N)
 dvc repro > /dev/null
 end=$(date +%s.%N)
 printf 'no-op repro\t%.2f\n' "$(echo "$end - $start" | bc)" | tee -a "$out"
+mv "$out" "$final"
