@@ -66,8 +66,11 @@ def test_first_step_of_the_stage_has_zero_rewards_in_float32(
     dpo.run(params)
     first = seen[0]
     assert first["step"] == 1
-    assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6, first
-    assert abs(first["loss"] - math.log(2)) < 1e-6, first
+    # precomputed reference log-probs come from a separate pass (other batches, other float32
+    # rounding): equal to the policy's up to a few 1e-6 per token, not bit for bit
+    tol = 1e-4 if precompute else 1e-6
+    assert abs(first["rewards/chosen"]) < tol and abs(first["rewards/rejected"]) < tol, first
+    assert abs(first["loss"] - math.log(2)) < tol, first
 
 
 def test_reference_is_the_sft_model_not_the_base(trained: Params) -> None:

@@ -62,7 +62,7 @@ def _probe_project(directory: Path, model_dir: Path, processes: int) -> Path:
     ]
     (directory / "suite.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     params = {
-        "paths": {"schema_file": str(SEED / "contract.schema.json"), "dev_suite": None},
+        "paths": {"seed_dir": str(SEED), "schema_file": str(SEED / "contract.schema.json"), "dev_suite": None},
         "model": {"device": "cpu", "dtype": "float32"},
         "compute": {"num_processes": processes},
         "probe": {"models": {"base": "models/base"}, "suites": {"heldout": {"path": "suite.jsonl"}}, "batch_size": 3,
@@ -81,7 +81,7 @@ def test_probe_on_two_cpu_processes_writes_the_single_process_bytes(tmp_path: Pa
     done = _run(two, ["probe", "base"], launch_cpu=True)
     assert "accelerate.commands.launch" in done.stderr and "--num_processes 2" in done.stderr
     assert "rank 1/2" in done.stderr  # the second process generated its share
-    assert done.stdout.count('"n":') == 1  # the result, printed by rank 0 only
+    assert done.stdout.count("\"contract_sha256\":") == 1  # the result, printed by rank 0 only
     samples = "reports/probe/heldout/base.samples.jsonl"
     texts = [json.loads(line)["output"] for line in (one / samples).read_text().splitlines()]
     assert len(set(texts)) > 3  # the outputs depend on the prompt
