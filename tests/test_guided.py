@@ -14,7 +14,7 @@ from tuneline import guided, modeling
 from tuneline.contract import load_contract
 from tuneline.errors import InputError
 from tuneline.generation import generate
-from tuneline.params import ParamsError, parse_params
+from tuneline.params import GuideParams, ParamsError, parse_params
 from tuneline.records import read_json, read_jsonl
 from tuneline.stages import probe
 
@@ -27,7 +27,7 @@ PROMPTS = [
     for kind, city in [("checklist", "Lisbon"), ("budget", "Tokyo"), ("itinerary", "Paris"), ("phrasebook", "Rome"), ("procedure", "Oslo")]
 ]
 # Enough for the shortest documents the closing-biased model writes under the guide (the
-# longest takes about 120 tokens of the tiny tokenizer); llguidance does not bound length.
+# longest takes about 120 tokens of the tiny tokenizer).
 BUDGET = 240
 
 
@@ -115,6 +115,156 @@ def test_a_keyword_the_library_does_not_implement_is_refused(loaded, contract):
     schema["properties"]["summary"] = {"type": "string", "not": {"const": "x"}}
     with pytest.raises(InputError, match="llguidance cannot guide"):
         guided.build(loaded, schema, "contract")
+
+
+# -- the bounds: every array, string and integer of the guide schema ---------------------------
+
+
+def _walk(node, where=""):
+    """(path, subschema) for every subschema of a rewritten contract."""
+    if isinstance(node, dict):
+        yield where, node
+        for key, value in node.items():
+            if key in ("properties", "$defs"):
+                for name, sub in value.items():
+                    yield from _walk(sub, f"{where}.{key}.{name}")
+            elif key in ("items", "anyOf"):
+                for i, sub in enumerate(value if isinstance(value, list) else [value]):
+                    yield from _walk(sub, f"{where}.{key}[{i}]")
+
+
+def _targets():
+    """Every envelope the travel templates write (train, probe and dev destinations) and the gold."""
+    from tuneline.datagen import travel
+    from tuneline.tasks import travel as task
+
+    destinations = travel.load_destinations(REPO / "data" / "seed" / task.KNOWLEDGE_BASE)
+    phrasings = travel.load_phrasings(REPO / "data" / "seed" / task.PHRASINGS)
+    docs = [json.loads(line)["completion"] for line in GOLD.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for split in ("train", "probe", "dev"):
+        docs += [e.envelope for e in travel.template_examples(
+            destinations, phrasings, seed=0, variants=6, split=split, natural_fraction=0.5, uncovered_language_variants=3)]
+    return docs
+
+
+def test_the_guide_bounds_every_array_string_and_integer_and_cuts_no_training_target(contract):
+    bounds = parse_params({}).probe.guide
+    bounded = guided.bound_schema(guided.guide_schema(contract.schema), bounds)
+    kinds = {}
+    for where, node in _walk(bounded):
+        kind = node.get("type")
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind == "array":
+            assert node["maxItems"] == bounds.max_items, where
+        if kind == "string":
+            assert node["maxLength"] == bounds.max_string_length, where
+        if kind == "integer":
+            assert (node["minimum"], node["maximum"]) == (1, bounds.max_integer), where  # the contract's minimum kept
+    assert kinds["array"] == 4 and kinds["string"] == 1 and kinds["integer"] == 1  # texts, nonempty_texts, days, phrases
+    # only bounds were added: outside them the guide and the contract agree
+    original, guide = Draft202012Validator(contract.schema), Draft202012Validator(bounded)
+    docs = _targets()
+    assert len(docs) > 1000
+    assert all(original.is_valid(d) and guide.is_valid(d) for d in docs), [d for d in docs if not guide.is_valid(d)][:1]
+    looping = copy.deepcopy(docs[0])
+    looping["assumptions"] = ["x"] * (bounds.max_items + 1)
+    assert original.is_valid(looping) and not guide.is_valid(looping)
+
+
+def test_a_tighter_contract_bound_is_kept_and_a_lower_bound_above_the_guide_is_refused(contract):
+    schema = copy.deepcopy(contract.schema)
+    schema["$defs"]["phrasebook"]["properties"]["phrases"]["maxItems"] = 3
+    schema["$defs"]["text"]["maxLength"] = 40
+    bounded = guided.bound_schema(guided.guide_schema(schema), GuideParams())
+    assert bounded["$defs"]["phrasebook"]["properties"]["phrases"]["maxItems"] == 3
+    assert bounded["$defs"]["texts"]["maxItems"] == 8 and bounded["$defs"]["text"]["maxLength"] == 40
+    schema["$defs"]["phrasebook"]["properties"]["phrases"]["minItems"] = 9
+    schema["$defs"]["phrasebook"]["properties"]["phrases"].pop("maxItems")
+    with pytest.raises(InputError) as err:
+        guided.bound_schema(guided.guide_schema(schema), GuideParams(), "contract")
+    assert "contract.$defs.phrasebook.properties.phrases: minItems 9 > probe.guide.max_items 8" in str(err.value)
+    with pytest.raises(ParamsError, match=r"probe.guide.max_items: 0"):
+        parse_params({"probe": {"guide": {"max_items": 0}}})
+
+
+def test_max_document_bytes_is_the_longest_document_the_library_accepts(loaded):
+    import llguidance
+
+    schema = {
+        "type": "object", "additionalProperties": False, "required": ["a", "n"],
+        "properties": {"a": {"type": "array", "items": {"type": "string"}}, "n": {"type": "integer"},
+                       "k": {"enum": ["x", "yy"]}},
+    }
+    bounds = GuideParams(max_items=3, max_string_length=4, max_integer=50)
+    bounded = guided.bound_schema(schema, bounds)
+    most = guided.max_document_bytes(bounded)
+    # the longest: every item, every character a 6-byte escape, the widest integer and value
+    longest = '{"a":[' + ",".join(['"' + "\\u0001" * 4 + '"'] * 3) + '],"n":-50,"k":"yy"}'
+    assert most == len(longest.encode()) == 2 + (4 + 2 + 3 * (2 + 6 * 4) + 2) + 1 + (4 + 3) + 1 + (4 + 4)
+    guide = guided.build(loaded, schema, "test", bounds)
+    assert guide.record["max_document_bytes"] == most and guide.record["bounds"] == bounds.model_dump()
+
+    def accepts(text):
+        matcher = llguidance.LLMatcher(guide.tokenizer, guide.grammar, log_level=0)
+        tokens = guide.tokenizer.tokenize_bytes(text.encode())
+        return matcher.try_consume_tokens(tokens) == len(tokens) and matcher.is_accepting()
+
+    assert accepts(longest) and accepts('{"a":["😀😀😀😀"],"n":1}')
+    assert not accepts(longest.replace("\\u0001", "\\u0001\\u0001", 1))  # 5 characters
+    assert not accepts(longest.replace("],", ',"x"],', 1))  # 4 items
+    assert not accepts(longest.replace("-50", "-51"))
+    assert not accepts('{"a":["\\ud83d"],"n":1}')  # no surrogate escapes: 6 bytes a character at most
+    assert guided.max_document_bytes(schema) is None  # unbounded before
+    for open_part in ({"type": "number"}, {}, {"type": "object"}, {"$ref": "#"}):
+        assert guided.max_document_bytes(guided.bound_schema({**bounded, "properties": {**bounded["properties"], "k": open_part}}, bounds)) is None
+
+
+def test_the_record_says_whether_the_budget_holds_every_document(loaded, contract):
+    guide = guided.build(loaded, contract.schema, "contract", GuideParams(), max_new_tokens=320)
+    record = guide.record
+    assert record["bounds"] == {"max_items": 8, "max_string_length": 160, "max_integer": 99}
+    assert record["max_document_bytes"] > 320 and record["complete_by_construction"] is False
+    small = guided.build(loaded, contract.schema, "contract", GuideParams(max_items=1, max_string_length=1, max_integer=9),
+                         max_new_tokens=320)
+    assert small.record["max_document_bytes"] + 1 <= 320 and small.record["complete_by_construction"] is True
+
+
+class LoopBias:
+    """Stands in for a model that loops in a list: of the one-character tokens, prefers
+    ``,`` (another item, or one more character inside a string), then ``a``, then ``"``;
+    never ``]``."""
+
+    def __init__(self, tokenizer, vocab):
+        import torch
+
+        self.bias = torch.zeros(vocab)
+        for token_id in range(len(tokenizer)):
+            self.bias[token_id] = {",": 100.0, "a": 90.0, '"': 80.0}.get(tokenizer.decode([token_id]), 0.0)
+
+    def __call__(self, input_ids, scores):
+        return scores + self.bias[: scores.shape[-1]]
+
+
+@pytest.mark.parametrize(
+    "items, bounds, expect",
+    [
+        ({"enum": ["a"]}, GuideParams(max_items=3), '["a","a","a"]'),  # the list closes at maxItems
+        ({"type": "string"}, GuideParams(max_items=2, max_string_length=5), '[",,,,,",",,,,,"]'),  # strings at maxLength
+    ],
+)
+def test_llguidance_closes_a_looping_list_at_the_bounds(loaded, items, bounds, expect):
+    from transformers import LogitsProcessorList
+
+    schema = {"type": "array", "items": items}
+    bias = LoopBias(loaded.tokenizer, loaded.model.config.vocab_size)
+    ids = loaded.encode(PROMPTS[:1])
+    results = {}
+    for name, b in (("bounded", bounds), ("unbounded", GuideParams(max_items=1000, max_string_length=1000))):
+        guide = guided.build(loaded, schema, "test", b)
+        [[results[name]]], _ = generate(loaded, ids, batch_size=1, max_new_tokens=60, progress=False,
+                                        logits_processor=lambda rows, g=guide: LogitsProcessorList([bias, *g.processors(rows)]))
+    assert results["bounded"].text == expect and results["bounded"].finish_reason == "eos"
+    assert results["unbounded"].finish_reason == "length"  # without the bound the model loops to the limit
 
 
 # -- the guided decode -----------------------------------------------------------------------
@@ -225,6 +375,8 @@ def test_probe_guided_row_writes_its_own_outputs_and_names_the_guide(tmp_path, t
     record = read_json(paths.provenance)
     assert record["stage"] == "probe@base+guided"
     assert record["guide"]["library"] == "llguidance" and record["guide"]["version"] == guided.llguidance_version()
+    assert record["guide"]["bounds"] == params.probe.guide.model_dump() and record["guide"]["max_new_tokens"] == 12
+    assert record["guide"]["max_document_bytes"] > 12 and record["guide"]["complete_by_construction"] is False
     assert record["run"]["generation_s"] > 0 and "guide" not in read_json(probe.output_paths(params, "base", "heldout").provenance)
     assert read_json(paths.metrics)["n"] == 3 and result["suites"]["heldout"]["n"] == free["suites"]["heldout"]["n"]
 

@@ -330,6 +330,17 @@ def _default_suites() -> dict[str, SuiteParams]:
     }
 
 
+class GuideParams(Section):
+    """Guide-only bounds (tuneline.guided.bound_schema): every array, string and integer of
+    the guide's schema gets at most these (a contract bound that is tighter is kept), so a
+    guided model that loops in a list or a string is made to close it. The travel targets
+    need at most 7 items and 150 characters; day numbers are at most 4."""
+
+    max_items: PositiveInt = 8
+    max_string_length: PositiveInt = 160
+    max_integer: PositiveInt = 99  # |value|
+
+
 class ProbeParams(Section):
     # name -> adapter dir; the base itself (or None) probes the bare base. A name ending in
     # "+guided" decodes that model under the contract's JSON Schema (tuneline.guided).
@@ -353,6 +364,7 @@ class ProbeParams(Section):
     merge_adapter: bool = True
     # A preallocated KV cache with a compiled decode step on CUDA (tuneline.generation).
     static_cache: bool = False
+    guide: GuideParams = GuideParams()  # the bounds of a "+guided" row's schema
 
     @field_validator("models")
     @classmethod

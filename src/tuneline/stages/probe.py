@@ -232,7 +232,10 @@ def run(params: Params, model: str) -> dict[str, Any]:
     lines = [(name, line) for name, suite in suites.items() for line in suite]
     prompts = [render(line["instruction"], loaded.format) for _, line in lines]
     # ``<name>+guided``: the same model decoded under the contract's JSON Schema (tuneline.guided)
-    guide = build_guide(loaded, contract.schema, str(params.paths.schema_file)) if split_model(model)[1] else None
+    guide = (
+        build_guide(loaded, contract.schema, str(params.paths.schema_file), pp.guide, pp.max_new_tokens)
+        if split_model(model)[1] else None
+    )
     # every suite's prompts in one call: length-sorted batches across suites
     outputs, seconds = generate(
         loaded,
