@@ -124,7 +124,7 @@ def _types(node: Mapping[str, Any]) -> set[str]:
 
 
 def bound_schema(schema: Mapping[str, Any], bounds: Any, source: str = "schema") -> dict[str, Any]:
-    """``schema`` with every array, string and integer bounded for the guide: ``maxItems``
+    """``schema`` with every array, string and integer (by ``type``) bounded for the guide: ``maxItems``
     at most ``bounds.max_items``, ``maxLength`` at most ``bounds.max_string_length`` and
     ``minimum``/``maximum`` within ``-bounds.max_integer``..``bounds.max_integer``; a bound
     the schema already has that is tighter is kept. Only bounds are added, so every document
