@@ -192,7 +192,7 @@ SFT_TRAINER: dict[str, Any] = {
     "logging_steps": 2,
     "save_steps": 8,
 }
-DPO_TRAINER: dict[str, Any] = {**SFT_TRAINER, "learning_rate": 0.0001}
+DPO_TRAINER: dict[str, Any] = {**SFT_TRAINER, "learning_rate": 0.0005}
 # Keys these sections had before their TrainingArguments settings moved into ``trainer``.
 MOVED_TO_TRAINER = {
     "num_epochs": "num_train_epochs",
@@ -258,7 +258,7 @@ class SftParams(Section):
     fused_lora: bool = False
     sync_free_metrics: bool = False
     completion_logits_only: bool = True
-    curve: CurveParams = CurveParams(every_n_steps=56)  # 4 points over the default 168 steps (0, 56, 112, 168)
+    curve: CurveParams = CurveParams(every_n_steps=84)  # 3 points over the default 168 steps (0, 84, 168)
     lora: LoraParams = LoraParams()
     trainer: dict[str, Any] = Field(default_factory=lambda: dict(SFT_TRAINER))
 
@@ -292,7 +292,7 @@ class DpoParams(Section):
     min_optimizer_steps: NonNegativeInt = 16
     strict_plan: bool = False
     max_pairs: PositiveInt | None = 40  # null: all (GPU scale)
-    curve: CurveParams = CurveParams(every_n_steps=10)  # 3 points over the default 20 steps (0, 10, 20)
+    curve: CurveParams = CurveParams(every_n_steps=20)  # 2 points over the default 20 steps (0, 20)
     lora: LoraParams = LoraParams()
     trainer: dict[str, Any] = Field(default_factory=lambda: dict(DPO_TRAINER))
 
