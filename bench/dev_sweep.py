@@ -51,17 +51,19 @@ def override(params: dict[str, Any], dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def tuneline(stage: str, cwd: Path, log: Path, threads: int) -> float:
+def tuneline(stage: str | list[str], cwd: Path, log: Path, threads: int) -> float:
+    """Run ``tuneline <stage>`` (or ``tuneline *stage``) in ``cwd``, its output appended to ``log``."""
+    argv = [stage] if isinstance(stage, str) else list(stage)
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     with log.open("a") as fh:
-        fh.write(f"\n=== {stage}\n")
+        fh.write(f"\n=== {' '.join(argv)}\n")
         fh.flush()
-        done = subprocess.run([sys.executable, "-c", "from tuneline.cli import main; main()", stage],
+        done = subprocess.run([sys.executable, "-c", "from tuneline.cli import main; main()", *argv],
                               cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     if done.returncode:
-        raise RuntimeError(f"{cwd.name}: tuneline {stage} exited {done.returncode} (see {log})")
+        raise RuntimeError(f"{cwd.name}: tuneline {' '.join(argv)} exited {done.returncode} (see {log})")
     return time.perf_counter() - start
 
 
