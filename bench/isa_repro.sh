@@ -11,8 +11,8 @@
 # Usage (from the repository root, virtualenv active):
 #   bench/isa_repro.sh WORKSPACE OUT_DIR [SFT_RECORDS] [DPO_PAIRS] [PROBE_LIMIT] [MAX_NEW]
 # WORKSPACE is a scratch clone with the run checked out: its tracked files are reset with
-# `git checkout -- .` and `dvc checkout` at the end. OUT_DIR gets isa_repro.tsv (hashes per
-# run) and each run's probe samples; `python bench/isa_summary.py OUT_DIR` counts the
+# `git checkout HEAD -- .` and `dvc checkout` at the end. OUT_DIR gets isa_repro.tsv (hashes per
+# run; rows are added to an existing table) and each run's probe samples; `python bench/isa_summary.py OUT_DIR` counts the
 # outputs that differ from the native run. Defaults: the default params' sft and dpo sizes,
 # probe 60 prompts, 320 new tokens (the whole default run); smaller values, a shorter run.
 set -euo pipefail
@@ -21,13 +21,17 @@ mkdir -p "$dir"
 out=$dir/isa_repro.tsv
 sft_records=${3:-} dpo_pairs=${4:-} limit=${5:-60} max_new=${6:-320}
 settings=("native::" "avx512_core::AVX512_CORE" "avx2:avx2:AVX2")
+dtypes=${DTYPES:-bfloat16 float32}  # e.g. DTYPES=float32 to add a dtype's rows to an existing table
+if [ -n "${SETTINGS:-}" ]; then  # e.g. SETTINGS="native avx512_core"
+  keep=(); for s in "${settings[@]}"; do [[ " $SETTINGS " == *" ${s%%:*} "* ]] && keep+=("$s"); done; settings=("${keep[@]}")
+fi
 export HF_HUB_OFFLINE=1
 cd "$ws"
 cp params.yaml "$ws/.params.yaml.orig"
-restore() { rm -f "$ws/.params.yaml.orig"; git checkout -q -- . && dvc checkout -q -f || true; }
+restore() { rm -f "$ws/.params.yaml.orig"; git checkout -q HEAD -- . && dvc checkout -q -f || true; }
 trap restore EXIT
-printf 'dtype\tsetting\tATEN_CPU_CAPABILITY\tONEDNN_MAX_CPU_ISA\tseconds\tsft_adapter\tdpo_adapter\tprobe_base\tprobe_sft\tprobe_dpo\n' > "$out"
-for dtype in bfloat16 float32; do
+[ -s "$out" ] || printf 'dtype\tsetting\tATEN_CPU_CAPABILITY\tONEDNN_MAX_CPU_ISA\tseconds\tsft_adapter\tdpo_adapter\tprobe_base\tprobe_sft\tprobe_dpo\n' > "$out"
+for dtype in $dtypes; do
   cp "$ws/.params.yaml.orig" params.yaml
   python - "$dtype" "$sft_records" "$dpo_pairs" "$limit" "$max_new" <<'PY'
 import sys, yaml
