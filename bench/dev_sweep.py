@@ -31,7 +31,6 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))  # the curve reader in the main process
 STAGES = ("generate", "clean", "sft", "pairs", "dpo")
 CURVE = {  # the whole development suite, a few points per stage
     "sft.curve.limit": None, "sft.curve.every_n_steps": 42, "sft.curve.batch_size": 50,
@@ -68,12 +67,14 @@ def tuneline(stage: str | list[str], cwd: Path, log: Path, threads: int) -> floa
     return time.perf_counter() - start
 
 
-def curve(ws: Path, stage: str) -> dict[str, list[tuple[float, float]]]:
-    """The learning curve the stage logged, per key (``tuneline.stages.compare.read_curve``)."""
-    from tuneline.stages.compare import read_curve
-
-    base = ws / "metrics" / stage / "plots" / "metrics" / "curve"
-    return {key: points for key in KEYS if (points := read_curve(base / f"{key}.tsv"))}
+def curve(ws: Path, stage: str) -> dict[str, list[tuple[int, float]]]:
+    out = {}
+    for key in KEYS:
+        path = ws / "metrics" / stage / "plots" / "metrics" / "curve" / f"{key}.tsv"
+        if path.exists():
+            rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line.strip()]
+            out[key] = [(int(float(s)), float(v)) for s, v in rows]
+    return out
 
 
 def workspace(root: Path, name: str, params: dict[str, Any], base: Path | None) -> Path:
@@ -132,22 +133,18 @@ def main() -> None:
         tuneline("base", shared, shared / "log.txt", args.threads)
     base = (shared / "models" / "base").resolve()
 
-    order = {c["name"]: i for i, c in enumerate(grid)}
-    results: list[dict[str, Any]] = []
-
-    def save(rows: list[dict[str, Any]]) -> None:
-        rows.sort(key=lambda r: order[r["name"]])
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(rows, indent=1) + "\n")
-
+    results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, args.root, c, defaults, common, base, args.threads) for c in grid]
         for future in concurrent.futures.as_completed(futures):
             r = future.result()
             results.append(r)
             print(json.dumps(r), flush=True)
-            save(results)  # as they finish, so a run cut short keeps what it measured
+            if args.out:  # as they finish, so a run cut short keeps what it measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(results, indent=1) + "\n")
+    order = {c["name"]: i for i, c in enumerate(grid)}
+    results.sort(key=lambda r: order[r["name"]])
     print(f"\n{'config':<22}{'sft valid':>10}{'sft type':>9}{'dpo valid':>10}{'dpo type':>9}{'sft s':>7}{'dpo s':>7}")
     for r in results:
         if "error" in r:
@@ -157,6 +154,9 @@ def main() -> None:
         print(f"{r['name']:<22}{s.get('schema_valid_rate', float('nan')):>10.2f}{s.get('payload_type_accuracy', float('nan')):>9.2f}"
               f"{d.get('schema_valid_rate', float('nan')):>10.2f}{d.get('payload_type_accuracy', float('nan')):>9.2f}"
               f"{r['seconds'].get('sft', 0):>7.0f}{r['seconds'].get('dpo', 0):>7.0f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
