@@ -80,7 +80,7 @@ def test_adapters_switch_without_reloading_base(tiny_model_dir, tmp_path):
     assert set(loaded.provenance["adapters"]) == {"sft"}
 
 
-def test_one_dtype_rule_for_loader_doctor_and_export(tiny_model_dir, tmp_path):
+def test_one_dtype_rule_for_loader_doctor_and_export(tiny_model_dir, tmp_path, monkeypatch):
     import subprocess
     import sys
     from pathlib import Path
@@ -89,7 +89,12 @@ def test_one_dtype_rule_for_loader_doctor_and_export(tiny_model_dir, tmp_path):
 
     spec = ModelParams()
     expected = modeling.resolve_dtype(spec, "cpu")
-    assert expected == (torch.bfloat16 if modeling.cpu_has_bf16() else torch.float32)
+    assert expected == torch.float32  # on every CPU, native bf16 or not: CPU runs reproduce across CPUs
+    monkeypatch.setattr(modeling, "cpu_has_bf16", lambda: True)
+    assert modeling.resolve_dtype(spec, "cpu") == torch.float32
+    monkeypatch.undo()
+    assert modeling.resolve_dtype(spec, "cuda") == torch.bfloat16
+    assert modeling.resolve_dtype(ModelParams(dtype="bfloat16"), "cpu") == torch.bfloat16
     assert modeling.load(tiny_model_dir, ModelParams(device="cpu")).provenance["dtype"] == modeling.dtype_name(expected)
     assert modeling.resolve_dtype(ModelParams(quantization="nf4"), "cuda") == torch.bfloat16
     # doctor says what the run uses, and does not import the stages

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneline.errors import TunelineError
-from tuneline.modeling import EMBEDDED, dtype_name, embedded_gguf, resolve_dtype
+from tuneline.modeling import EMBEDDED, cpu_has_bf16, dtype_name, embedded_gguf, resolve_dtype
 from tuneline.params import check_runtime, load_params
 from tuneline.provenance import library_versions
 
@@ -30,6 +30,8 @@ def report(params_path: Path, console: Console) -> None:
     table.add_row("CUDA", f"{torch.version.cuda} ({torch.cuda.device_count()} device(s))" if cuda else "not available")
     if cuda:
         table.add_row("GPU", torch.cuda.get_device_name(0))
+    table.add_row("CPU bf16 matmuls", "native (AVX512-BF16 or AMX): model.dtype: bfloat16 is faster here, "
+                  "float32 (auto) reproduces across CPUs" if cpu_has_bf16() else "emulated: float32 is the fast choice")
     table.add_row("bitsandbytes", "installed" if importlib.util.find_spec("bitsandbytes") else "not installed")
     table.add_row("liger-kernel", "installed" if importlib.util.find_spec("liger_kernel") else "not installed")
     table.add_row("dvc executable", shutil.which("dvc") or "[red]not on PATH[/]")

@@ -11,8 +11,12 @@ Rules (DESIGN.md, "The model loader"):
 - Safetensors only; ``trust_remote_code`` is never set; pickle checkpoints and configs
   that need custom code are refused.
 - ``quantization: nf4`` uses bitsandbytes on CUDA and is a clear error elsewhere.
-- ``dtype: auto`` is bfloat16 on CUDA and on a CPU with native bf16 matmuls
-  (AVX512-BF16 or AMX), float32 on other CPUs; provenance records the dtype used.
+- ``dtype: auto`` is bfloat16 on CUDA (and for an nf4 base), float32 on every CPU: bf16
+  matmuls round differently on CPUs with and without AVX512-BF16/AMX, so a bf16 CPU run
+  gives different greedy outputs on another x86 CPU, while float32 runs give the same
+  (README, "Reproducibility"). ``dtype: bfloat16`` trades that for speed on a CPU with
+  native bf16 (:func:`cpu_has_bf16`; ``tuneline doctor`` says which this CPU is);
+  provenance records the dtype used.
   :func:`resolve_dtype` is the one place this is decided (the loader, export and
   ``tuneline doctor`` call it).
 - In a distributed worker (``LOCAL_RANK`` set by ``accelerate launch``) the model goes to
@@ -114,14 +118,14 @@ def cpu_has_bf16() -> bool:
 def resolve_dtype(spec: ModelParams, device: str) -> Any:
     """The torch dtype a model is loaded (and trained, and exported) in: the one rule.
 
-    ``auto`` is bfloat16 on CUDA, for an nf4 base (its compute dtype; a dense export of
-    it keeps that) and on a CPU with native bf16 matmuls; float32 elsewhere.
+    ``auto`` is bfloat16 on CUDA and for an nf4 base (its compute dtype; a dense export of
+    it keeps that); float32 on a CPU, whatever its instruction set, so CPU runs reproduce
+    across x86 CPUs.
     """
     import torch
 
     if spec.dtype == "auto":
-        native = device == "cuda" or spec.quantization == "nf4" or cpu_has_bf16()
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if device == "cuda" or spec.quantization == "nf4" else torch.float32
     return getattr(torch, spec.dtype)
 
 
