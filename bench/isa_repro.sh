@@ -22,6 +22,10 @@ out=$dir/isa_repro.tsv
 sft_records=${3:-} dpo_pairs=${4:-} limit=${5:-60} max_new=${6:-320}
 settings=("native::" "avx512_core::AVX512_CORE" "avx2:avx2:AVX2")
 dtypes=${DTYPES:-bfloat16 float32}  # e.g. DTYPES=float32 to add a dtype's rows to an existing table
+# MACHINE names the CPU when the rows come from another machine than the table's native
+# rows (e.g. MACHINE=epyc-zen3): its settings are written MACHINE-SETTING and compared with
+# the native rows already in the table (bench/isa_summary.py).
+machine=${MACHINE:+$MACHINE-}
 if [ -n "${SETTINGS:-}" ]; then  # e.g. SETTINGS="native avx512_core"
   keep=(); for s in "${settings[@]}"; do [[ " $SETTINGS " == *" ${s%%:*} "* ]] && keep+=("$s"); done; settings=("${keep[@]}")
 fi
@@ -48,7 +52,7 @@ p["probe"]["max_new_tokens"] = int(max_new)
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PY
   for s in "${settings[@]}"; do
-    name=${s%%:*} rest=${s#*:}
+    name=$machine${s%%:*} rest=${s#*:}
     aten=${rest%%:*} isa=${rest#*:}
     env_args=()
     [ -n "$aten" ] && env_args+=("ATEN_CPU_CAPABILITY=$aten")

@@ -252,10 +252,10 @@ def test_probe_base_writes_samples_failures_and_metrics(tmp_path, tiny_model_dir
     assert sum(metrics["failure_causes"].values()) == sum(s["cause"] != "ok" for s in samples)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "auto"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_probe_is_deterministic_and_batching_does_not_change_outputs(tmp_path, noisy_model_dir, monkeypatch, dtype):
     """The same params give the same outputs. In float32, batch size changes nothing (left
-    padding is exact); in bf16 (auto on a CPU with native bf16, and on CUDA) a different
+    padding is exact); in bf16 (``bfloat16``, and auto on CUDA) a different
     batch shape may flip a near-tie greedy choice, so only same-batch determinism holds."""
     monkeypatch.chdir(tmp_path)
     runs = []
