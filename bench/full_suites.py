@@ -56,10 +56,11 @@ def main() -> None:
         seconds["compare"] = tuneline("compare", ws, log, args.threads)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for part in ("metrics/probe", "reports/probe"):
+    for part in ("metrics/probe", "reports/probe", "reports/provenance/probe"):  # the last: the run records
         if (args.out / part).exists():
             shutil.rmtree(args.out / part)
-        shutil.copytree(ws / part, args.out / part)
+        if (ws / part).exists():
+            shutil.copytree(ws / part, args.out / part)
     for name in ("metrics/compare.json", "reports/compare.md", "reports/compare_rates.json"):
         if not (ws / name).exists():
             continue
