@@ -133,6 +133,17 @@ def main() -> None:
         tuneline("base", shared, shared / "log.txt", args.threads)
     base = (shared / "models" / "base").resolve()
 
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    setup = {"grid": args.grid, "common": common, "jobs": args.jobs, "threads": args.threads,
+             "device": device, "torch": torch.__version__,
+             "score": "the learning curve's last point on the development suite (paths.dev_suite)"}
+
+    def write(results: list[dict[str, Any]]) -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"setup": setup, "results": results}, indent=1) + "\n")
+
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, args.root, c, defaults, common, base, args.threads) for c in grid]
@@ -141,8 +152,7 @@ def main() -> None:
             results.append(r)
             print(json.dumps(r), flush=True)
             if args.out:  # as they finish, so a run cut short keeps what it measured
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(results, indent=1) + "\n")
+                write(results)
     order = {c["name"]: i for i, c in enumerate(grid)}
     results.sort(key=lambda r: order[r["name"]])
     print(f"\n{'config':<22}{'sft valid':>10}{'sft type':>9}{'dpo valid':>10}{'dpo type':>9}{'sft s':>7}{'dpo s':>7}")
@@ -155,8 +165,7 @@ def main() -> None:
               f"{d.get('schema_valid_rate', float('nan')):>10.2f}{d.get('payload_type_accuracy', float('nan')):>9.2f}"
               f"{r['seconds'].get('sft', 0):>7.0f}{r['seconds'].get('dpo', 0):>7.0f}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        write(results)
 
 
 if __name__ == "__main__":
