@@ -17,13 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dev_sweep import ROOT, override, tuneline, workspace  # noqa: E402
+from dev_sweep import ROOT, override, tuneline, workspace
 
 
 def main() -> None:
