@@ -68,12 +68,13 @@ def tuneline(stage: str | list[str], cwd: Path, log: Path, threads: int) -> floa
 
 
 def curve(ws: Path, stage: str) -> dict[str, list[tuple[int, float]]]:
+    from tuneline.curves import read_curve
+
     out = {}
     for key in KEYS:
-        path = ws / "metrics" / stage / "plots" / "metrics" / "curve" / f"{key}.tsv"
-        if path.exists():
-            rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line.strip()]
-            out[key] = [(int(float(s)), float(v)) for s, v in rows]
+        rows = read_curve(ws / "metrics" / stage / "plots" / "metrics" / "curve" / f"{key}.tsv")
+        if rows:
+            out[key] = [(int(step), value) for step, value in rows]
     return out
 
 

@@ -40,7 +40,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tuneline.errors import InputError
+from tuneline.curves import read_curve  # shared with bench/dev_sweep.py
 from tuneline.params import Params, split_model
 from tuneline.provenance import run_provenance_path, write_provenance
 from tuneline.records import read_json, write_json, write_text
@@ -72,20 +72,6 @@ def comparisons(params: Params) -> list[tuple[str, str]]:
         if (a, b) not in result and a != b:
             result.append((a, b))
     return result
-
-
-def read_curve(path: Path) -> list[tuple[float, float]]:
-    """``(step, value)`` rows of a DVCLive metric TSV (header ``step<TAB>name``)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()[1:], start=2):
-        try:
-            step, value = line.split("\t")[:2]
-            rows.append((float(step), float(value)))
-        except ValueError as exc:
-            raise InputError(f"{path}:{number}: expected step<TAB>value, got {line!r}") from exc
-    return rows
 
 
 def training_logs(params: Params) -> tuple[dict[str, dict[str, list[tuple[float, float]]]], dict[str, Any]]:
