@@ -9,15 +9,17 @@ subsets) is looked up by id and its output compared. Prints a Markdown table.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from tuneline.records import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def outputs(path: Path) -> dict[str, str]:
-    return {s["id"]: s["output"] for s in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    """id -> output of a probe samples file, read by the project's strict JSONL reader."""
+    return {s["id"]: s["output"] for s in read_jsonl(path)}
 
 
 def main() -> None:

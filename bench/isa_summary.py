@@ -4,13 +4,15 @@ of the same dtype. Usage: python bench/isa_summary.py OUT_DIR"""
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from pathlib import Path
 
+from tuneline.records import read_jsonl
+
 
 def outputs(path: Path) -> dict[str, str]:
-    return {s["id"]: s["output"] for s in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    """id -> output of a probe samples file, read by the project's strict JSONL reader."""
+    return {s["id"]: s["output"] for s in read_jsonl(path)}
 
 
 def main() -> None:
