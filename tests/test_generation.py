@@ -144,3 +144,45 @@ def test_static_cache_gives_the_dynamic_cache_tokens(loaded):
 def test_static_cache_param_defaults_off():
     assert parse_params({}).probe.static_cache is False
     assert parse_params({"probe": {"static_cache": True}}).probe.static_cache is True
+
+
+def test_rows_leave_the_batch_when_they_stop_and_the_tokens_are_transformers_own(loaded):
+    """The decode loop drops a row from the forward pass and the KV cache at the step it stops;
+    the other rows' tokens are still exactly those of transformers' greedy ``generate`` on the
+    same batch (float32), row by row, with rows stopping at different steps, and their
+    log-probs the same up to float rounding (one step's rows, not every step's, per softmax)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from tuneline.generation import _decode
+
+    ids = loaded.encode(PROMPTS)
+    width = max(map(len, ids))
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(ids):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        attention[row, width - len(prompt):] = 1
+
+    def reference(stops, steps):
+        config = GenerationConfig(max_new_tokens=steps, do_sample=False, eos_token_id=stops, pad_token_id=pad,
+                                  return_dict_in_generate=True, output_logits=True)
+        with torch.inference_mode():
+            out = loaded.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+        new = out.sequences[:, width:]
+        logps = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, new[..., None])[..., 0]
+        return new, logps
+
+    free, _ = reference([-1], 12)  # no stop: pick stop tokens that end rows at different steps
+    stops = sorted({int(free[0, 2]), int(free[2, 6])} - {int(t) for t in free[1]})
+    expected, expected_logps = reference(stops, 12)
+    with torch.inference_mode():
+        new, logps = _decode(loaded.model, input_ids, attention, max_new_tokens=12, stops=stops, pad_id=pad,
+                             processors=None, logprobs=True)
+    ends = [next((k for k, t in enumerate(row.tolist()) if t in stops), None) for row in new]
+    assert len(set(ends)) >= 3 and None in ends  # rows stop at different steps, one runs to the limit
+    assert new.tolist() == expected.tolist()
+    for row, end in enumerate(ends):
+        count = 12 if end is None else end + 1  # pad after the stop token: no log-prob to compare
+        assert logps[row, :count].tolist() == pytest.approx(expected_logps[row, :count].tolist(), rel=1e-5, abs=1e-6)

@@ -7,6 +7,11 @@ knows nothing about the task. Its rules, the same for every caller:
   padding; results come back in prompt order;
 - padding: left, with an attention mask, pad id = the tokenizer's pad token or else the
   first stop id; in float32 a prompt generates the same tokens alone or padded in a batch;
+- finished rows: a row leaves the batch (forward pass and KV cache) at the step it writes a
+  stop token (``_decode``), so a batch pays per step for the rows still writing, not for
+  every row until its longest output ends; the tokens are transformers' greedy
+  ``generate``'s on the same batch (tests/test_generation.py). A decode step costs a fixed
+  part plus a part per row, so a larger ``batch_size`` is cheaper per prompt;
 - randomness: greedy unless ``do_sample``. Sampling needs a ``seed`` (ValueError without
   one) and draws sample ``j`` of prompt ``i`` from its own CPU ``torch.Generator``, seeded
   with ``sample_seed(seed, i, j)``: the first 8 bytes of
@@ -31,8 +36,9 @@ knows nothing about the task. Its rules, the same for every caller:
   included;
 - no gradients: the loop runs under ``torch.inference_mode``; one tqdm progress bar (stderr)
   counts prompts;
-- ``static_cache``: a preallocated KV cache (transformers' ``cache_implementation="static"``),
-  whose decode step transformers compiles on CUDA (CUDA graphs). Every batch then has one
+- ``static_cache``: transformers' own ``generate`` with a preallocated KV cache
+  (``cache_implementation="static"``), whose decode step it compiles on CUDA (CUDA graphs);
+  finished rows stay in the batch (padded). Every batch then has one
   shape: prompts are left-padded to the longest prompt of the call and the last batch is
   filled up with copies of its first prompt (their outputs are dropped), so the step is
   compiled once. Same tokens as the dynamic cache up to float rounding;
@@ -44,6 +50,7 @@ knows nothing about the task. Its rules, the same for every caller:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -200,14 +207,26 @@ def generate(
                 processors.extend(_sampling_processors(loaded, temperature, top_p, generators))
             began = time.perf_counter()
             with torch.inference_mode():
-                output = loaded.model.generate(
-                    input_ids=input_ids.to(loaded.device),
-                    attention_mask=attention.to(loaded.device),
-                    generation_config=config,
-                    logits_processor=processors,
-                )
-                new_ids = output.sequences[:, width:]
-                token_logps = _token_logps(output.logits, new_ids) if logprobs else None
+                if static_cache:  # transformers' loop: one batch shape, a compiled step on CUDA
+                    output = loaded.model.generate(
+                        input_ids=input_ids.to(loaded.device),
+                        attention_mask=attention.to(loaded.device),
+                        generation_config=config,
+                        logits_processor=processors,
+                    )
+                    new_ids = output.sequences[:, width:]
+                    token_logps = _token_logps(output.logits, new_ids) if logprobs else None
+                else:
+                    new_ids, token_logps = _decode(
+                        loaded.model,
+                        input_ids.to(loaded.device),
+                        attention.to(loaded.device),
+                        max_new_tokens=max_new_tokens,
+                        stops=stops,
+                        pad_id=pad_id,
+                        processors=processors,
+                        logprobs=logprobs,
+                    )
             elapsed += time.perf_counter() - began
             for row, i in enumerate(batch[:real]):
                 for j in range(n):
@@ -217,6 +236,82 @@ def generate(
                     )
             bar.update(real)
     return results, elapsed
+
+
+def _decode(
+    model: Any,
+    input_ids: Any,
+    attention: Any,
+    *,
+    max_new_tokens: int,
+    stops: Sequence[int],
+    pad_id: int,
+    processors: Any,
+    logprobs: bool,
+) -> tuple[Any, Any]:
+    """Greedy decoding of one left-padded batch (after ``processors``) that drops a row from
+    the forward pass, and from the KV cache, at the step it writes a stop token; the tokens
+    of transformers' greedy ``generate`` (same positions, mask, cache and float32 scores).
+
+    A decode step costs a fixed part (the weights are read once) plus a part per row, so a
+    batch no longer pays for its finished rows while its longest output runs on. The
+    ``processors`` see every row, as transformers passes them: the tokens so far, a finished
+    row continued with ``pad_id``, and for a finished row zero scores, whose result is
+    unused. Returns the new tokens (rows x steps run, ``pad_id`` after a stop) and, with
+    ``logprobs``, each token's log-probability under the raw logits."""
+    import torch
+    from transformers import DynamicCache
+
+    rows, device = input_ids.shape[0], input_ids.device
+    cache = DynamicCache(config=model.config)
+    # the forward's name for it: ``cache`` in newer transformers, ``past_key_values`` before
+    forward = inspect.signature(getattr(model, "get_base_model", lambda: model)().forward).parameters
+    cache_kwarg = "cache" if "cache" in forward else "past_key_values"
+    stop_ids = torch.tensor(sorted(stops), device=device)
+    active = torch.arange(rows, device=device)  # the batch rows still in the forward pass
+    mask = attention
+    step_ids = input_ids
+    step_positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)
+    sequences = input_ids  # every row, for the processors
+    new = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    token_logps = torch.zeros((rows, max_new_tokens), device=device) if logprobs else None
+    steps = 0
+    while steps < max_new_tokens:
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_positions,
+            use_cache=True,
+            **{cache_kwarg: cache},
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)
+        scores = logits
+        if processors:
+            every = torch.zeros((rows, logits.shape[-1]), dtype=logits.dtype, device=device)
+            every[active] = logits
+            scores = processors(sequences, every)[active]
+        chosen = scores.argmax(dim=-1)
+        new[active, steps] = chosen
+        if token_logps is not None:
+            token_logps[active, steps] = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
+        steps += 1
+        if processors:
+            column = torch.full((rows, 1), pad_id, dtype=torch.long, device=device)
+            column[active, 0] = chosen
+            sequences = torch.cat([sequences, column], dim=-1)
+        running = ~torch.isin(chosen, stop_ids)
+        n_running = int(running.sum())  # one device sync per step, as in transformers' loop
+        if steps == max_new_tokens or n_running == 0:
+            break
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        step_positions = step_positions[:, -1:] + 1
+        step_ids = chosen[:, None]
+        if n_running < len(active):  # drop the rows that stopped
+            kept = running.nonzero().squeeze(-1)
+            cache.batch_select_indices(kept)
+            active, mask, step_positions, step_ids = active[kept], mask[kept], step_positions[kept], step_ids[kept]
+    return new[:, :steps], None if token_logps is None else token_logps[:, :steps]
 
 
 def _token_logps(logits: Sequence[Any], new_ids: Any) -> Any:
