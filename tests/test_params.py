@@ -85,7 +85,7 @@ def test_cli_usage_error_is_exit_2(tmp_path):
 def test_code_defaults_are_the_committed_params():
     # One source of defaults: an empty params file is the documented default run.
     assert parse_params({}) == load_params(REPO / "params.yaml")
-    assert parse_params({}).sft.trainer["learning_rate"] == 0.002 and parse_params({}).probe.batch_size == 30
+    assert parse_params({}).sft.trainer["learning_rate"] == 0.002 and parse_params({}).probe.batch_size == 90
 
 
 def test_trainer_settings_lay_over_the_defaults_and_are_checked():

@@ -353,7 +353,7 @@ class ProbeParams(Section):
     # <metrics>/probe/<name>/ and <reports>/probe/<name>/ (names: lower-case letters,
     # digits, '_' and '-').
     suites: dict[str, SuiteParams] = Field(default_factory=_default_suites)
-    batch_size: PositiveInt = 30
+    batch_size: PositiveInt = 90  # the default subsets (60 + 30) in one batch: finished rows leave it
     max_new_tokens: PositiveInt = 320
     do_sample: bool = False
     temperature: PositiveFloat = 1.0
