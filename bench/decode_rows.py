@@ -33,7 +33,7 @@ def transformers_loop(loaded: Any, prompt_ids: list[list[int]], batch_size: int,
     import torch
     from transformers import GenerationConfig
 
-    from tuneline.generation import _finish, stop_token_ids
+    from tuneline.generation import stop_token_ids
 
     stops = stop_token_ids(loaded)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else stops[0]
@@ -57,8 +57,17 @@ def transformers_loop(loaded: Any, prompt_ids: list[list[int]], batch_size: int,
             new = out.sequences[:, width:].tolist()
         elapsed += time.perf_counter() - began
         for row, i in enumerate(batch):
-            results[i] = _finish(loaded.tokenizer, new[row], set(stops), (), None, row)
+            results[i] = finished(loaded.tokenizer, new[row], set(stops))
     return results, elapsed
+
+
+def finished(tokenizer: Any, new: list[int], stops: set[int]) -> tuple[str, int, str]:
+    """(text, tokens counted, finish reason) by tuneline.generation's rule: the text ends before
+    the first stop token, which is counted; without one every token counts (``length``)."""
+    end = next((k for k, token in enumerate(new) if token in stops), None)
+    if end is None:
+        return tokenizer.decode(new, skip_special_tokens=True), len(new), "length"
+    return tokenizer.decode(new[:end], skip_special_tokens=True), end + 1, "eos"
 
 
 def cpu_name() -> str:
@@ -114,9 +123,8 @@ def main() -> None:
     for batch_size in args.batch:
         theirs, their_s = transformers_loop(loaded, ids, batch_size, max_new)
         ours, our_s = generate(loaded, ids, batch_size=batch_size, max_new_tokens=max_new, progress=False)
-        tokens = sum(g.n_tokens for g in theirs)
-        same = sum((a.text, a.n_tokens, a.finish_reason) == (b.text, b.n_tokens, b.finish_reason)
-                   for a, (b,) in zip(theirs, ours, strict=True))
+        tokens = sum(n for _, n, _ in theirs)
+        same = sum(a == (b.text, b.n_tokens, b.finish_reason) for a, (b,) in zip(theirs, ours, strict=True))
         for loop, seconds in (("transformers generate", their_s), ("tuneline (finished rows leave)", our_s)):
             rows.append({"batch_size": batch_size, "loop": loop, "seconds": round(seconds, 1),
                          "tokens_per_s": round(tokens / seconds, 1), "identical": f"{same}/{len(lines)}"})
@@ -124,7 +132,7 @@ def main() -> None:
               f"({their_s / our_s:.2f}x), identical {same}/{len(lines)}", flush=True)
     device = torch.cuda.get_device_name() if str(loaded.device).startswith("cuda") else cpu_name()
     setup = {"adapter": args.adapter or "base", "prompts": len(lines), "full_suites": args.full,
-             "tokens": sum(g.n_tokens for g in theirs), "max_new_tokens": max_new, "dtype": str(loaded.model.dtype),
+             "tokens": sum(n for _, n, _ in theirs), "max_new_tokens": max_new, "dtype": str(loaded.model.dtype),
              "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
              "transformers": __import__("transformers").__version__}
     print(json.dumps(setup))
