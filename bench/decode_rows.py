@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from dev_sweep import override
 
 
 def transformers_loop(loaded: Any, prompt_ids: list[list[int]], batch_size: int, max_new_tokens: int) -> tuple[list[Any], float]:
@@ -107,11 +108,7 @@ def main() -> None:
     raw = yaml.safe_load(Path("params.yaml").read_text())
     for item in args.set:
         key, _, value = item.partition("=")
-        node = raw
-        *head, last = key.split(".")
-        for part in head:
-            node = node[part]
-        node[last] = json.loads(value)
+        override(raw, key, json.loads(value))
     params = parse_params(raw)
     strata = tasks.get(params.task).stratify_by if params.probe.stratify_by is None else params.probe.stratify_by
     lines = [line for suite in params.probe.suites.values()
