@@ -223,10 +223,27 @@ def test_the_record_says_whether_the_budget_holds_every_document(loaded, contrac
     guide = guided.build(loaded, contract.schema, "contract", GuideParams(), max_new_tokens=320)
     record = guide.record
     assert record["bounds"] == {"max_items": 8, "max_string_length": 160, "max_integer": 99}
-    assert record["max_document_bytes"] > 320 and record["complete_by_construction"] is False
+    assert record["max_document_bytes"] > 320  # the bounds alone do not hold every document
+    shortest = record["closing"]["shortest_document_tokens"]
+    assert record["closing"] == {"active": True, "shortest_document_tokens": shortest, "reason": None}
+    assert record["greedy"] is True and record["complete_by_construction"] is True  # the closing rule does
+    sampled = guided.build(loaded, contract.schema, "contract", GuideParams(), max_new_tokens=320, greedy=False)
+    assert sampled.record["closing"]["active"] is True and sampled.record["complete_by_construction"] is False
+    short = guided.build(loaded, contract.schema, "contract", GuideParams(), max_new_tokens=shortest)
+    assert short.record["closing"]["active"] is False and short.completer is None
+    assert short.record["closing"]["reason"] == (
+        f"the shortest document and a stop token take {shortest + 1} tokens > max_new_tokens {shortest}"
+    )
+    assert short.record["complete_by_construction"] is False
     small = guided.build(loaded, contract.schema, "contract", GuideParams(max_items=1, max_string_length=1, max_integer=9),
-                         max_new_tokens=320)
-    assert small.record["max_document_bytes"] + 1 <= 320 and small.record["complete_by_construction"] is True
+                         max_new_tokens=shortest)
+    assert small.record["max_document_bytes"] + 1 <= 320 and small.record["complete_by_construction"] is False
+    assert guided.build(loaded, contract.schema, "contract", GuideParams(max_items=1, max_string_length=1, max_integer=9),
+                        max_new_tokens=small.record["max_document_bytes"] + 1).record["complete_by_construction"] is True
+    unclosable = {"type": "object", "additionalProperties": False, "required": ["n"],
+                  "properties": {"n": {"type": "integer", "multipleOf": 5}}}
+    other = guided.build(loaded, unclosable, "test", GuideParams(), max_new_tokens=320)
+    assert other.record["closing"]["active"] is False and "'multipleOf'" in other.record["closing"]["reason"]
 
 
 class LoopBias:
@@ -328,6 +345,71 @@ def test_a_guided_output_cut_by_the_budget_counts_as_truncated(loaded, guide, co
     assert g.finish_reason == "length" and g.text.startswith('{"summary":"')
     verdict = contract.judge(g.text, {}, g.finish_reason)
     assert not verdict.valid and verdict.cause == "truncated"
+
+
+# -- the closing rule --------------------------------------------------------------------------
+
+
+def _gold_texts():
+    return [json.dumps(json.loads(line)["completion"], ensure_ascii=False, separators=(",", ":"))
+            for line in GOLD.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_the_closing_rule_finishes_every_prefix_of_every_gold_document(loaded, contract):
+    """At every byte of every gold document (UTF-8 characters cut in the middle included), the
+    closing rule's completion is accepted by llguidance and gives a document the contract
+    accepts; the shortest document is the cheapest payload's."""
+    import llguidance
+
+    guide = guided.build(loaded, contract.schema, "contract", GuideParams(), max_new_tokens=320)
+    completer = guide.completer
+    assert completer.completion(completer.start) == (
+        b'{"summary":"x","assumptions":[],"uncertainty_notes":[],"next_steps":[],"verification_steps":[],'
+        b'"payload_type":"checklist","payload":{"destination":"x","items":["x"]}}'
+    )
+    texts = _gold_texts()
+    assert len(texts) == 10 and any(max(text) > "\x7f" for text in texts)
+    for text in texts:
+        data, state = text.encode("utf-8"), completer.start.copy()
+        for cut in range(len(data) + 1):
+            if cut:
+                completer.feed(state, data[cut - 1 : cut])
+            tail = completer.completion(state)
+            whole = data[:cut] + tail
+            tokens = guide.tokenizer.tokenize_bytes(whole)
+            matcher = llguidance.LLMatcher(guide.tokenizer, guide.grammar, log_level=0)
+            assert matcher.try_consume_tokens(tokens) == len(tokens) and matcher.is_accepting(), (data[:cut], tail)
+            assert contract.judge(whole.decode("utf-8"), {}, "eos").valid, (data[:cut], tail)
+        assert tail == b"" and state.done
+
+
+@pytest.mark.parametrize("extra", [1, 40, 200])
+def test_a_looping_model_is_closed_within_the_budget(loaded, contract, extra):
+    """A model that would loop (a string or list to the guide's bounds, far past the budget)
+    ends every output at a stop token within max_new_tokens, valid under the contract, from
+    a budget of the shortest document and a stop token up; without the closing rule the same
+    model runs to the limit."""
+    from transformers import LogitsProcessorList
+
+    shortest = guided.build(loaded, contract.schema, "contract", GuideParams(), max_new_tokens=320).record["closing"][
+        "shortest_document_tokens"]
+    budget = shortest + extra
+    bias = LoopBias(loaded.tokenizer, loaded.model.config.vocab_size)
+    ids = loaded.encode(PROMPTS)
+    results = {}
+    for name, limit in (("closing", budget), ("bounds only", None)):
+        guide = guided.build(loaded, contract.schema, "contract", GuideParams(), max_new_tokens=limit)
+        results[name], _ = generate(
+            loaded, ids, batch_size=5, max_new_tokens=budget, progress=False,
+            logits_processor=lambda rows, g=guide: LogitsProcessorList([bias, *g.processors(rows)]),
+        )
+        results[name + " closed"] = guide.closed
+    closed = [g for (g,) in results["closing"]]
+    assert [g.finish_reason for g in closed] == ["eos"] * len(PROMPTS), [g.text for g in closed]
+    assert max(g.n_tokens for g in closed) <= budget and results["closing closed"] == len(PROMPTS)
+    assert all(contract.judge(g.text, {}, g.finish_reason).valid for g in closed), [g.text for g in closed]
+    assert [g.finish_reason for (g,) in results["bounds only"]] == ["length"] * len(PROMPTS)
+    assert results["bounds only closed"] == 0
 
 
 # -- the probe row -----------------------------------------------------------------------------

@@ -37,8 +37,9 @@ suite and the params.
 
 A model named ``<name>+guided`` (``dpo+guided``) is ``<name>`` decoded under a token mask
 built from the contract's JSON Schema (``tuneline.guided``: llguidance); its run record
-names the guide (library, version, schema hash, setup seconds) and ``run.generation_s``
-includes the masking, so it compares with ``<name>``'s. The judge is the same.
+names the guide (library, version, schema hash, setup seconds, the closing rule and
+``closed_rows``, the outputs it finished) and ``run.generation_s`` includes the masking, so
+it compares with ``<name>``'s. The judge is the same.
 
 With ``compute.num_processes`` > 1 (``tuneline.launch``) each process generates a share of
 the prompts and rank 0 judges and writes them all, in suite order (``tuneline.parallel``).
@@ -233,7 +234,8 @@ def run(params: Params, model: str) -> dict[str, Any]:
     prompts = [render(line["instruction"], loaded.format) for _, line in lines]
     # ``<name>+guided``: the same model decoded under the contract's JSON Schema (tuneline.guided)
     guide = (
-        build_guide(loaded, contract.schema, str(params.paths.schema_file), pp.guide, pp.max_new_tokens)
+        build_guide(loaded, contract.schema, str(params.paths.schema_file), pp.guide, pp.max_new_tokens,
+                    greedy=not pp.do_sample)
         if split_model(model)[1] else None
     )
     # every suite's prompts in one call: length-sorted batches across suites
@@ -278,7 +280,8 @@ def run(params: Params, model: str) -> dict[str, Any]:
         "contract_sha256": sha256_file(params.paths.schema_file),
         "contract": str(params.paths.schema_file),
         "decoding": decoding(params),
-        **({"guide": guide.record} if guide else {}),
+        # closed_rows: the outputs the closing rule finished (tuneline.guided), of this process's rows
+        **({"guide": {**guide.record, "closed_rows": guide.closed}} if guide else {}),
         "loaded": loaded.provenance,
         "suites": sections,
         "run": {"n": len(everything), "mean_new_tokens": overall["mean_new_tokens"],
