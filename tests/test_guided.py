@@ -463,6 +463,40 @@ def test_probe_guided_row_writes_its_own_outputs_and_names_the_guide(tmp_path, t
     assert read_json(paths.metrics)["n"] == 3 and result["suites"]["heldout"]["n"] == free["suites"]["heldout"]["n"]
 
 
+def test_probe_guided_row_is_complete_by_construction_within_the_budget(tmp_path, tiny_model_dir, monkeypatch):
+    """Through the stage: the random tiny model does not end its documents by itself; with a
+    budget the shortest document fits, the guided row's every output is schema-valid, the
+    closing rule closed them and the run record says so. Sampled, it says the guarantee is off."""
+    monkeypatch.chdir(tmp_path)
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(
+        "".join(json.dumps({"id": f"p{i}", "instruction": f"Make a checklist for {c}.",
+                            "expect": {"payload_type": "checklist"}}) + "\n"
+                for i, c in enumerate(["Lisbon", "Tokyo", "Paris"])),
+        encoding="utf-8",
+    )
+    overrides = {
+        "paths": {"base_model": str(tiny_model_dir), "schema_file": str(SCHEMA), "dev_suite": None,
+                  "seed_dir": str(REPO / "data" / "seed"), "metrics": "metrics", "reports": "reports"},
+        "model": {"device": "cpu", "dtype": "float32"},
+        "probe": {"models": {"base": str(tiny_model_dir), "base+guided": str(tiny_model_dir)},
+                  "suites": {"heldout": {"path": str(suite)}}, "batch_size": 3, "max_new_tokens": 100},
+        "compare": {"pairs": []},
+    }
+    probe.run(parse_params(overrides), "base+guided")
+    paths = probe.output_paths(parse_params(overrides), "base+guided", "heldout")
+    metrics, record = read_json(paths.metrics), read_json(paths.provenance)
+    assert metrics["n"] == 3 and metrics["schema_valid_rate"] == 1.0, read_jsonl(paths.samples)
+    assert metrics["truncated_rate"] == 0.0
+    guide = record["guide"]
+    assert guide["complete_by_construction"] is True and guide["closing"]["active"] is True
+    assert guide["closed_rows"] == 3 and guide["greedy"] is True
+    overrides["probe"] |= {"do_sample": True, "temperature": 0.7}
+    probe.run(parse_params(overrides), "base+guided")
+    sampled = read_json(paths.provenance)["guide"]
+    assert sampled["greedy"] is False and sampled["complete_by_construction"] is False
+
+
 def test_dvc_runs_a_probe_stage_named_with_the_guided_suffix():
     from dvc.repo import Repo
 
