@@ -376,6 +376,9 @@ def build(
                      completer=completer, budget=max_new_tokens if completer else None)
 
 
+# -- the closing rule: every guided output ends within max_new_tokens ---------------------------
+
+
 def _closing(guided: Mapping[str, Any], tokenizer: Any, max_new_tokens: int | None) -> tuple[Completer | None, dict[str, Any]]:
     """The closing rule for ``guided`` under a budget of ``max_new_tokens``, and its record:
     on (``active``) when the schema is one :class:`Completer` completes and its shortest
@@ -398,8 +401,6 @@ def _closing(guided: Mapping[str, Any], tokenizer: Any, max_new_tokens: int | No
     return None, record
 
 
-
-# -- the closing rule: every guided output ends within max_new_tokens ---------------------------
 
 # Keywords the closing rule understands (any other keyword of the guide schema turns it off:
 # the record says which); annotations are ignored.
@@ -443,7 +444,25 @@ class Completer:
         self._minimal: dict[tuple[int, ...], tuple[Any, bytes]] = {}
         self._alternatives: dict[tuple[int, ...], tuple[Any, list[Any]]] = {}
         self.start = _State([_Frame("value", self.alternatives((self.root,)))])
-        self.completion(self.start)  # Unclosable now rather than mid-decode
+        self._check(self.start.stack[0].alts)  # Unclosable now rather than mid-decode
+        self.completion(self.start)
+
+    def _check(self, alts: list[tuple[dict[str, Any], ...]]) -> None:
+        """Expand every subschema a document can reach (each once), so that a keyword the rule
+        does not know is found when the guide is built."""
+        seen: set[tuple[int, ...]] = set()
+        todo = list(alts)
+        while todo:
+            alt = todo.pop()
+            key = tuple(id(n) for n in alt)
+            if key in seen:
+                continue
+            seen.add(key)
+            self._minimal_one(alt)
+            for name in self.keys(alt)[0]:
+                todo += self.property_alternatives(alt, name)
+            if any("items" in n for n in alt):
+                todo += self.item_alternatives([alt])
 
     # -- the schema ----------------------------------------------------------------------------
     def alternatives(self, nodes: tuple[Any, ...]) -> list[tuple[dict[str, Any], ...]]:
