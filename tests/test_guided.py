@@ -244,6 +244,9 @@ def test_the_record_says_whether_the_budget_holds_every_document(loaded, contrac
                   "properties": {"n": {"type": "integer", "multipleOf": 5}}}
     other = guided.build(loaded, unclosable, "test", GuideParams(), max_new_tokens=320)
     assert other.record["closing"]["active"] is False and "'multipleOf'" in other.record["closing"]["reason"]
+    open_object = {"type": "object", "properties": {"a": {"type": "string"}}}  # any other key allowed
+    reason = guided.build(loaded, open_object, "test", GuideParams(), max_new_tokens=320).record["closing"]["reason"]
+    assert "'additionalProperties': false" in reason
 
 
 class LoopBias:

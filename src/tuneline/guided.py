@@ -459,6 +459,9 @@ class Completer:
                 continue
             seen.add(key)
             self._minimal_one(alt)
+            kinds = self._types(alt) if self._values(alt) is None else []
+            if "object" in kinds and not any(n.get("additionalProperties") is False for n in alt):
+                raise Unclosable("an object open to keys it does not declare (no 'additionalProperties': false)")
             for name in self.keys(alt)[0]:
                 todo += self.property_alternatives(alt, name)
             if any("items" in n for n in alt):
