@@ -49,8 +49,12 @@ def guide(loaded, contract):
 # -- the guide schema: the contract with allOf if/then as anyOf ------------------------------
 
 
+def _gold():
+    return [line["completion"] for line in read_jsonl(GOLD)]
+
+
 def _documents():
-    gold = [json.loads(line)["completion"] for line in GOLD.read_text(encoding="utf-8").splitlines() if line.strip()]
+    gold = _gold()
     outputs = []
     for path in sorted((REPO / "reports" / "probe").glob("*/*.samples.jsonl")):
         for sample in read_jsonl(path):
@@ -354,8 +358,7 @@ def test_a_guided_output_cut_by_the_budget_counts_as_truncated(loaded, guide, co
 
 
 def _gold_texts():
-    return [json.dumps(json.loads(line)["completion"], ensure_ascii=False, separators=(",", ":"))
-            for line in GOLD.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.dumps(doc, ensure_ascii=False, separators=(",", ":")) for doc in _gold()]
 
 
 def test_the_closing_rule_finishes_every_prefix_of_every_gold_document(loaded, contract):
