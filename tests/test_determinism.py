@@ -5,8 +5,8 @@ The thread count: on a CPU with AVX512, MKL's float32 matmul (PyTorch's CPU BLAS
 its work by the number of threads and rounds differently with 1 and 2 (seen on an Intel
 Xeon: other adapter bytes, train loss 0.91443335 against 0.91443487); on AVX2 CPUs it does
 not. MKL's strict conditional numerical reproducibility (``MKL_CBWR=AUTO,STRICT``) makes it
-independent of the thread count, so both processes run with it unless the caller set
-``MKL_CBWR``."""
+independent of the thread count; importing tuneline sets it unless the caller set
+``MKL_CBWR``, and both processes inherit it from this one."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _run_dpo(params: Params, name: str, env: dict[str, str]) -> tuple[str, dict[
         dpo_model=str(root / "dpo"), checkpoints=str(root / "checkpoints"), metrics=str(root / "metrics")
     )
     src = str(Path(__import__("tuneline").__file__).resolve().parents[1])
-    full_env = {"MKL_CBWR": "AUTO,STRICT", **os.environ, "PYTHONPATH": os.pathsep.join([src, str(TESTS)]), **env}
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(TESTS)]), **env}
     done = subprocess.run(
         [sys.executable, "-c", RUN_DPO, json.dumps(data)],
         env=full_env, capture_output=True, text=True, timeout=600, check=False,

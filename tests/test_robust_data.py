@@ -149,14 +149,40 @@ def test_generated_prompts_stay_clear_of_held_out_prompts(default_examples):
     assert worst < 0.8
 
 
-def test_phrasebooks_vary_in_length_without_repeats(default_examples):
+def test_phrasebooks_vary_in_length_without_repeats(default_examples, params):
+    template = params.generate.sources.template
     books = [e for e in default_examples if e.payload_type == "phrasebook" and "uncovered_language" not in e.style]
     lengths = Counter(len(e.envelope["payload"]["phrases"]) for e in books)
-    assert min(lengths) == 3 and max(lengths) >= 7 and len(lengths) >= 4, lengths
+    assert set(lengths) == set(range(template.phrasebook_min_items, template.phrasebook_max_items + 1)), lengths
     for e in books:
         phrases = e.envelope["payload"]["phrases"]
         meanings = [" ".join(p["meaning"].casefold().split()) for p in phrases]
         assert len(set(meanings)) == len(meanings) and len({p["phrase"] for p in phrases}) == len(phrases), e.key
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "seen"),
+    [(3, None, {3, 4, 5, 6, 7}), (2, 4, {2, 3, 4}), (4, 4, {4}), (6, 9, {5, 6, 7})],
+)
+def test_phrasebook_items_bound_the_list(kb, phrasings, low, high, seen):
+    """Lengths stay in [low, high], both capped at the destination's list (5-7 phrases)."""
+    books = [
+        e for e in travel.template_examples(kb, phrasings, seed=0, variants=6, phrasebook_items=(low, high))
+        if e.payload_type == "phrasebook"
+    ]
+    by_size = {d["name"]: len(d["phrases"]) for d in kb}
+    for e in books:
+        n = len(e.envelope["payload"]["phrases"])
+        cap = by_size[e.destination] if high is None else min(high, by_size[e.destination])
+        assert min(low, cap) <= n <= cap, (e.key, n)
+    assert {len(e.envelope["payload"]["phrases"]) for e in books} == seen
+
+
+def test_phrasebook_items_range_is_checked():
+    from tuneline.params import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match="phrasebook_max_items 2 is below phrasebook_min_items 3"):
+        parse_params({"generate": {"sources": {"template": {"phrasebook_min_items": 3, "phrasebook_max_items": 2}}}})
 
 
 def test_uncovered_languages_get_a_short_list_and_a_note(kb, default_examples):

@@ -124,6 +124,19 @@ class TemplateSourceParams(Section):
     variants: PositiveInt = 3  # examples per (destination, payload type)
     natural_fraction: Probability = 0.5  # share of prompts in the casual register (datagen.travel)
     uncovered_language_variants: NonNegativeInt = 3  # phrasebook requests per uncovered language
+    # phrases per phrasebook, drawn uniformly between these (both capped at the destination's
+    # phrase list); max None: the whole list. 3-5 chosen on the development suite
+    phrasebook_min_items: PositiveInt = 3
+    phrasebook_max_items: PositiveInt | None = 5
+
+    @model_validator(mode="after")
+    def _phrasebook_range(self) -> TemplateSourceParams:
+        if self.phrasebook_max_items is not None and self.phrasebook_max_items < self.phrasebook_min_items:
+            raise ValueError(
+                f"phrasebook_max_items {self.phrasebook_max_items} is below phrasebook_min_items "
+                f"{self.phrasebook_min_items}; allowed: null or at least phrasebook_min_items"
+            )
+        return self
 
 
 class TeacherSourceParams(Section):
@@ -252,13 +265,13 @@ class SftParams(Section):
     eval_each_epoch: bool = True
     min_optimizer_steps: NonNegativeInt = 30
     strict_plan: bool = False
-    max_records: PositiveInt | None = 336  # null: all (GPU scale)
+    max_records: PositiveInt | None = 464  # null: all (GPU scale)
     max_eval_records: PositiveInt | None = 16
     # Speed-ups with the same result (tuneline.training.fused_lora, .lean_step, .cpu_loss).
     fused_lora: bool = False
     sync_free_metrics: bool = False
     completion_logits_only: bool = True
-    curve: CurveParams = CurveParams(every_n_steps=84)  # 3 points over the default 168 steps (0, 84, 168)
+    curve: CurveParams = CurveParams(every_n_steps=116)  # 3 points over the default 232 steps (0, 116, 232)
     lora: LoraParams = LoraParams()
     trainer: dict[str, Any] = Field(default_factory=lambda: dict(SFT_TRAINER))
 

@@ -23,7 +23,8 @@ punctuation. The destination name (and a requested language) is never altered. F
 only sometimes get a context sentence. Each example records its ``register`` and ``style``
 (the roughening applied, ``question`` when the request is a question).
 
-Phrasebooks list 3 to all of the destination's phrases, one per meaning. For a language the
+Phrasebooks list ``phrasebook_items`` (min, max; default 3 to all) of the destination's
+phrases, one per meaning, in knowledge-base order. For a language the
 destination speaks but no phrase list in the knowledge base covers (``uncovered_languages``),
 ``uncovered_language_variants`` examples per language ask for it by name; their envelope
 gives 1-3 phrases of the destination's covered language, says so, and notes that phrases in
@@ -494,11 +495,13 @@ def build_envelope(
     task_key: str,
     rng: random.Random,
     language: str | None = None,
+    phrasebook_items: tuple[int, int | None] = (3, None),
 ) -> dict[str, Any]:
     """One envelope for destination ``d``; every fact comes from the knowledge base.
 
     ``language`` (phrasebooks only): the language asked for, when it is not the one the
-    knowledge base has phrases for."""
+    knowledge base has phrases for. ``phrasebook_items``: how many phrases a phrasebook lists
+    (min, max; None: all), each capped at the destination's list."""
     name = d["name"]
     for_profile = f" for {profile_text}" if profile_text else ""
     assumptions, season = _common(d, profile_id, profile_text, rng)
@@ -662,7 +665,9 @@ def build_envelope(
             next_steps = [f"Ask a local to teach you a greeting in {language}."]
             verification = [f"Check {language} phrases with a native speaker or a good dictionary."]
         else:
-            k = rng.randint(min(3, len(phrases)), len(phrases))
+            low, high = phrasebook_items
+            high = len(phrases) if high is None else min(high, len(phrases))
+            k = rng.randint(min(low, high), high)
             picked = sorted(rng.sample(range(len(phrases)), k))
             payload = {
                 "destination": name,
@@ -832,6 +837,7 @@ def template_examples(
     days_range: tuple[int, int] = (1, 4),
     natural_fraction: float = 0.0,
     uncovered_language_variants: int = 0,
+    phrasebook_items: tuple[int, int | None] = (3, None),
 ) -> list[Example]:
     """Deterministic expansion over destinations x payload types x variants (see module docstring).
 
@@ -909,6 +915,7 @@ def template_examples(
                     days=days,
                     task_key=task_key,
                     rng=rng,
+                    phrasebook_items=phrasebook_items,
                 )
                 examples.append(
                     Example(

@@ -49,6 +49,7 @@ def examples(params: Any) -> list[travel.Example]:
         variants=template.variants,
         natural_fraction=template.natural_fraction,
         uncovered_language_variants=template.uncovered_language_variants,
+        phrasebook_items=(template.phrasebook_min_items, template.phrasebook_max_items),
     )
 
 
