@@ -1,6 +1,6 @@
 """Where a CPU sft step's time goes, and sft steps/s with and without
 ``sft.completion_logits_only``, on the sft stage's own trainer (``build_trainer``) with
-the pipeline's params (LoRA r16 all-linear, batch 2, bf16 autocast on CPU).
+the pipeline's params (LoRA r16 all-linear, batch 2, ``model.dtype`` as in params.yaml).
 
 Variants are trained in turns in one process (A B A B ...: the machine is shared, so
 its load hits every variant alike) and reported as the median step time of each;
@@ -25,12 +25,24 @@ from typing import Any
 
 from common import load_records, print_table, write_result
 
+
+def _upper_layers(first: int, layers: int = 30) -> dict[str, Any]:
+    """sft.lora with the default rank on every linear layer of blocks ``first`` and above."""
+    return {"r": 16, "alpha": 32, "dropout": 0.0,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            "extra": {"layers_to_transform": list(range(first, layers))}}
+
+
 # name -> sft param overrides
 VARIANTS: dict[str, dict[str, Any]] = {
     "reference": {"completion_logits_only": False},
     "completion-logits": {"completion_logits_only": True},
     "reference-syncfree": {"completion_logits_only": False, "sync_free_metrics": True},
     "completion-logits-syncfree": {"completion_logits_only": True, "sync_free_metrics": True},
+    # LoRA on the upper layers only (of SmolLM2-135M's 30): backward stops below the lowest
+    # adapted layer. peft takes layers_to_transform only with a list of modules.
+    "completion-logits-upper-half": {"completion_logits_only": True, "lora": _upper_layers(15)},
+    "completion-logits-upper-third": {"completion_logits_only": True, "lora": _upper_layers(20)},
 }
 VOCAB_CHUNKS = {32768, 16384}  # TRL's vocabulary tiles of the 49,152-token head
 
