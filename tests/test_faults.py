@@ -62,6 +62,15 @@ def _complete_checkpoints(project: Path) -> list[Path]:
     return sorted((project / "models/checkpoints/sft").glob(f"checkpoint-*/{MARKER}"))
 
 
+def _writing(project: Path, out: str) -> bool:
+    """Whether a running stage holds DVC's write lock on ``out`` (``.dvc/tmp/rwlock``)."""
+    try:
+        locks = json.loads((project / ".dvc/tmp/rwlock").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return any(Path(path).as_posix().endswith(out) for path in locks.get("write", {}))
+
+
 @pytest.fixture(scope="module")
 def prepared(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project with base, generate and clean reproduced."""
@@ -95,8 +104,10 @@ def killed_then_resumed(prepared: Path, tmp_path_factory: pytest.TempPathFactory
         ["dvc", "repro", "sft"], cwd=straight, env=_env(), start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    while not (straight / "metrics/sft.json").exists() and first.poll() is None:
+    # From the moment sft holds DVC's write lock on its output: the whole stage is the window.
+    while not _writing(straight, "models/sft") and first.poll() is None:
         time.sleep(0.05)
+    assert first.poll() is None, "the first repro ended before its sft stage was seen running"
     started = time.monotonic()
     second = _dvc(straight, "repro", ok=False)
     second_seconds = time.monotonic() - started

@@ -11,7 +11,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from tuneline import guided, modeling
-from tuneline.contract import load_contract
+from tuneline.contract import load_contract, parse_lenient
 from tuneline.errors import InputError
 from tuneline.generation import generate
 from tuneline.params import GuideParams, ParamsError, parse_params
@@ -55,13 +55,13 @@ def _gold():
 
 def _documents():
     gold = _gold()
-    outputs = []
-    for path in sorted((REPO / "reports" / "probe").glob("*/*.samples.jsonl")):
-        for sample in read_jsonl(path):
-            try:
-                outputs.append(json.loads(sample["output"]))
-            except json.JSONDecodeError:
-                continue
+    outputs = []  # every committed model output that parses: the default run's and the whole suites'
+    for root in (REPO / "reports" / "probe", REPO / "bench" / "results" / "full_suites" / "reports" / "probe"):
+        for path in sorted(root.glob("*/*.samples.jsonl")):
+            for sample in read_jsonl(path):
+                parsed = parse_lenient(sample["output"])
+                if parsed.ok:
+                    outputs.append(parsed.value)
     mutated = []
     for doc in gold:
         for kind in PAYLOAD_TYPES:  # every payload under every payload_type: 1 in 5 valid
