@@ -36,7 +36,7 @@ CURVE = {  # the whole development suite, a few points per stage
     "sft.curve.limit": None, "sft.curve.every_n_steps": 42, "sft.curve.batch_size": 50,
     "dpo.curve.limit": None, "dpo.curve.every_n_steps": 1000, "dpo.curve.batch_size": 50,
 }
-KEYS = ("schema_valid_rate", "payload_type_accuracy", "parse_rate")
+KEYS = ("schema_valid_rate", "payload_type_accuracy", "parse_rate", "truncated_rate")
 
 
 def override(params: dict[str, Any], dotted: str, value: Any) -> None:
@@ -156,14 +156,17 @@ def main() -> None:
                 write(results)
     order = {c["name"]: i for i, c in enumerate(grid)}
     results.sort(key=lambda r: order[r["name"]])
-    print(f"\n{'config':<22}{'sft valid':>10}{'sft type':>9}{'dpo valid':>10}{'dpo type':>9}{'sft s':>7}{'dpo s':>7}")
+    print(f"\n{'config':<22}{'sft valid':>10}{'sft type':>9}{'sft trunc':>10}{'dpo valid':>10}{'dpo type':>9}"
+          f"{'dpo trunc':>10}{'sft s':>7}{'dpo s':>7}")
     for r in results:
         if "error" in r:
             print(f"{r['name']:<22} ERROR {r['error']}")
             continue
         s, d = r["sft"], r["dpo"]
-        print(f"{r['name']:<22}{s.get('schema_valid_rate', float('nan')):>10.2f}{s.get('payload_type_accuracy', float('nan')):>9.2f}"
-              f"{d.get('schema_valid_rate', float('nan')):>10.2f}{d.get('payload_type_accuracy', float('nan')):>9.2f}"
+        nan = float("nan")
+        print(f"{r['name']:<22}{s.get('schema_valid_rate', nan):>10.2f}{s.get('payload_type_accuracy', nan):>9.2f}"
+              f"{s.get('truncated_rate', nan):>10.2f}{d.get('schema_valid_rate', nan):>10.2f}"
+              f"{d.get('payload_type_accuracy', nan):>9.2f}{d.get('truncated_rate', nan):>10.2f}"
               f"{r['seconds'].get('sft', 0):>7.0f}{r['seconds'].get('dpo', 0):>7.0f}")
     if args.out:
         write(results)

@@ -18,7 +18,7 @@ from tuneline.stages import dpo, pairs, sft
 from tuneline.training import GuardCallback, loop
 from tuneline.training.curve import evaluating
 
-RATES = ("parse_rate", "schema_valid_rate", "payload_type_accuracy", "destination_accuracy")
+RATES = ("parse_rate", "schema_valid_rate", "payload_type_accuracy", "destination_accuracy", "truncated_rate")
 
 
 def write_suite(path: Path, n: int = 6) -> str:
@@ -94,6 +94,7 @@ def test_rates_are_the_probes_on_the_same_outputs(tmp_path: Path, tiny_model_dir
         "curve/parse_rate": round(2 / 3, 6), "curve/schema_valid_rate": round(2 / 3, 6),
         "curve/payload_type_accuracy": round(sum(itinerary) / 3, 6),
         "curve/destination_accuracy": round(sum(porto) / 3, 6),
+        "curve/truncated_rate": round(1 / 3, 6),  # the one that reached the token limit
     }
 
 

@@ -34,10 +34,12 @@ def test_each_strategy_rejected_fails_chosen_passes(strategy: str) -> None:
     for pair in made:
         expect = pair["meta"]["expect"]
         assert pair["meta"]["strategy"] == strategy
-        assert contract.judge(pair["chosen"], expect).passes
-        verdict = contract.judge(pair["rejected"], expect)
+        assert contract.judge(pair["chosen"], expect, strict=True).passes
+        verdict = contract.judge(pair["rejected"], expect, strict=True)
         assert not verdict.passes
         assert pair["rejected"] != pair["chosen"]
+        if strategy != "run_on":  # everything else fails the lenient reading too
+            assert not contract.judge(pair["rejected"], expect).passes
         if strategy in ("truncate", "invalid_json"):
             assert not parse_lenient(pair["rejected"]).ok
         if strategy == "array_root":
@@ -60,6 +62,14 @@ def test_each_strategy_rejected_fails_chosen_passes(strategy: str) -> None:
             longest = max(negatives._lists(json.loads(chosen)), key=lambda lst: (len(lst), len(json.dumps(lst))))
             units = ["," + contract.canonical_text(item) for item in longest]
             assert any(tail == (unit * (len(tail) // len(unit) + 1))[: len(tail)] for unit in units)
+        if strategy == "run_on":
+            # the whole chosen document, then only closing braces: the lenient parse reads
+            # the document (and passes it), the strict judge refuses the text
+            assert pair["rejected"].startswith(pair["chosen"])
+            tail = pair["rejected"][len(pair["chosen"]):]
+            assert set(tail) == {"}"} and 8 <= len(tail) <= 48
+            assert parse_lenient(pair["rejected"]).value == json.loads(pair["chosen"])
+            assert contract.judge(pair["rejected"], expect).passes
 
 
 def test_run_counts_strategies_imports_and_is_seeded(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -103,7 +113,7 @@ def test_on_policy_samples_the_sft_model_and_pairs_best_with_worst(
     params = tiny_params(
         tmp_path, tiny_model_dir,
         {"pairs": {"strategies": ["drop_field"], "on_policy": True, "on_policy_k": 2,
-                   "on_policy_max_prompts": 2, "on_policy_max_new_tokens": 6, "on_policy_batch_size": 2}},
+                   "on_policy_max_prompts": 3, "on_policy_max_new_tokens": 6, "on_policy_batch_size": 2}},
     )
     write_clean(params)
     sft.run(params)
@@ -116,13 +126,16 @@ def test_on_policy_samples_the_sft_model_and_pairs_best_with_worst(
     assert [len(group) for group in samples] == [2, 2]
     assert all(isinstance(text, str) and logp <= 0 for group in samples for text, logp in group)
 
-    # Pairing: the contract score decides first, mean log-prob breaks ties.
+    # Pairing: the strict contract score decides first, mean log-prob breaks ties; a
+    # sample that runs on after its document scores below the one that stops.
     contract = load_contract(SCHEMA)
-    valid = records[0]["completion"]
-    fake = [[("not json", -0.1), (valid, -2.0)], [("still not json", -0.5), ("nor this", -0.2)]]
+    valid, third = records[0]["completion"], records[2]["completion"]
+    fake = [[("not json", -0.1), (valid, -2.0)], [("still not json", -0.5), ("nor this", -0.2)],
+            [(third + "}}}}", -0.1), (third, -2.0)]]
     monkeypatch.setattr(pairs, "sample", lambda loaded, prompts, p: fake[: len(prompts)])
     made = pairs.on_policy(records, contract, params)
-    assert len(made) == 1  # the second prompt's samples score the same: no pair
+    assert len(made) == 2  # the second prompt's samples score the same: no pair
     assert made[0]["chosen"] == valid and made[0]["rejected"] == "not json"
     assert made[0]["meta"]["strategy"] == "on_policy"
     assert made[0]["meta"]["chosen_score"] > made[0]["meta"]["rejected_score"]
+    assert made[1]["chosen"] == third and made[1]["rejected"] == third + "}}}}"

@@ -1,12 +1,15 @@
 """Contract-violating negatives for preference pairs: each strategy turns a record's valid
-envelope into a rejected completion that fails the contract (``Contract.judge``: parse,
-schema, or a task check with the record's ``meta.expect``); a candidate that would pass is
-not used.
+envelope into a rejected completion that fails the strict contract (``Contract.judge`` with
+``strict=True``: the whole text one JSON document, then schema and the task checks with
+the record's ``meta.expect``); a candidate that would pass is not used. Strict, because a
+completion is the whole text the model writes: a document followed by more text is a
+wrong completion even though the probe's lenient parser reads the document out of it.
 
 Generic strategies: drop_field (a required root field removed), array_root (the object
 wrapped in an array), truncate (cut mid-envelope), invalid_json (a syntax error),
 repeat_item (the longest list repeats one of its items until a length limit cuts the text:
-the loop greedy decoding of a small model falls into). A task adds its own
+the loop greedy decoding of a small model falls into), run_on (the complete envelope, then
+closing braces: the model does not stop after the document). A task adds its own
 (``tuneline.tasks``); a strategy the task lacks is refused.
 """
 
@@ -86,12 +89,20 @@ def repeat_item(record: dict[str, Any], pool: list[dict[str, Any]], contract: Co
     return contract.canonical_text(obj)[:limit]
 
 
+def run_on(record: dict[str, Any], pool: list[dict[str, Any]], contract: Contract, rng: random.Random) -> str | None:
+    """The complete envelope followed by 8 to 48 closing braces: the run-on of a model that
+    does not stop after the document (it goes on until the token limit). The chosen text
+    ends at the document, so the pair differs only in what comes after it."""
+    return record["completion"] + "}" * rng.randint(8, 48)
+
+
 STRATEGIES: dict[str, Strategy] = {
     "repeat_item": repeat_item,
     "drop_field": drop_field,
     "array_root": array_root,
     "truncate": truncate,
     "invalid_json": invalid_json,
+    "run_on": run_on,
 }
 
 
@@ -132,7 +143,7 @@ def negatives(
                 break
             name = strategies[(turn + offset) % len(strategies)]
             rejected = available[name](record, records, contract, rng)
-            if rejected is None or contract.judge(rejected, expect).passes:
+            if rejected is None or contract.judge(rejected, expect, strict=True).passes:
                 skipped[name] += 1
                 continue
             pairs.append(

@@ -283,8 +283,12 @@ class SftParams(Section):
 
 class PairsParams(Section):
     strategies: list[
-        Literal["drop_field", "array_root", "truncate", "invalid_json", "off_topic", "wrong_payload_type", "repeat_item"]
-    ] = ["drop_field", "array_root", "truncate", "invalid_json", "off_topic", "wrong_payload_type", "repeat_item"]
+        Literal[
+            "drop_field", "array_root", "truncate", "invalid_json", "off_topic", "wrong_payload_type", "repeat_item",
+            "run_on",
+        ]
+    ] = ["drop_field", "array_root", "truncate", "invalid_json", "off_topic", "wrong_payload_type", "repeat_item",
+         "run_on"]
     negatives_per_record: PositiveInt = 1
     max_records: PositiveInt | None = None
     on_policy: bool = False

@@ -10,18 +10,20 @@ Writes: ``paths.pairs``/train.jsonl — ``{"id", "prompt", "chosen", "rejected",
         record ``paths.reports``/provenance/pairs.json.
 Params: ``task``, ``pairs``, ``seed``, ``model.format`` (and ``model`` for on-policy sampling).
 
-Every diverse negative fails the contract (``Contract.judge``: parse, schema, or a task
-check with the record's ``meta.expect``) while its chosen passes; a candidate that would
-pass is not used. Generic strategies: drop_field (a required root field removed),
-array_root (the object wrapped in an array), truncate (cut mid-envelope), invalid_json (a
-syntax error), repeat_item (the longest list repeats one of its items until a length limit
-cuts the text: the loop greedy decoding of a small model falls into). The task adds its
+Every diverse negative fails the strict contract (``Contract.judge(strict=True)``: the whole
+text one JSON document, then schema and the task checks with the record's ``meta.expect``)
+while its chosen passes; a candidate that would pass is not used. Generic strategies:
+drop_field (a required root field removed), array_root (the object wrapped in an array),
+truncate (cut mid-envelope), invalid_json (a syntax error), repeat_item (the longest list
+repeats one of its items until a length limit cuts the text: the loop greedy decoding of a
+small model falls into), run_on (the complete envelope, then closing braces). The task adds its
 own (``tuneline.tasks``; travel: off_topic, another record's envelope that fails this
 record's task checks, and wrong_payload_type, an envelope of another payload type or this
 one relabelled); a strategy the task lacks is refused.
 
 On-policy: ``pairs.on_policy_k`` samples per prompt from ``tuneline.generation.generate``
-(seeded with ``seed``, with mean log-probs); best vs worst by ``Verdict.score`` then log-prob.
+(seeded with ``seed``, with mean log-probs); best vs worst by the strict ``Verdict.score``
+(a sample with more text after its document scores below one that stops) then log-prob.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def on_policy(records: list[dict[str, Any]], contract: Contract, params: Params)
     for record, group in zip(chosen_records, samples, strict=True):
         expect = record["meta"].get("expect", {})
         scored = sorted(
-            ((contract.judge(text, expect).score, logp, text) for text, logp in group),
+            ((contract.judge(text, expect, strict=True).score, logp, text) for text, logp in group),
             key=lambda s: (s[0], s[1]),
         )
         worst, best = scored[0], scored[-1]

@@ -6,8 +6,10 @@ against the optimizer step, beside the loss.
 flat start, before the first update), every ``every_n_steps`` optimizer steps and at the
 last step, judges every output exactly as the probe does (``tuneline.judging.judge``,
 ``tuneline.reporting.binary_outcomes``) and logs ``curve/parse_rate``,
-``curve/schema_valid_rate`` and ``curve/<check>_accuracy`` for every check of the suite's
-``expect`` (travel: ``payload_type``, ``destination``) through the Trainer's log, so
+``curve/schema_valid_rate``, ``curve/<check>_accuracy`` for every check of the suite's
+``expect`` (travel: ``payload_type``, ``destination``) and ``curve/truncated_rate`` (outputs
+that reached the token limit: a loop, or a run-on after a complete document that the
+lenient parse still counts as valid) through the Trainer's log, so
 they land in the stage's DVCLive directory (``LiveCallback``:
 ``<metrics>/<stage>/plots/metrics/curve/*.tsv``) and in the trainer state's log history,
 which a checkpoint keeps and a resumed run replays: no point is lost or logged twice.
@@ -72,7 +74,7 @@ def load_dev_suite(params: Params, stage: str, loaded: Loaded) -> DevSuite:
     except InputError as exc:
         raise InputError(f"{param}: {exc}") from exc
     checks = task_checks(None, lines[0]["expect"])  # the check names the judge gives every line
-    keys = ("parse_rate", "schema_valid_rate", *(f"{name}_accuracy" for name in checks))
+    keys = ("parse_rate", "schema_valid_rate", *(f"{name}_accuracy" for name in checks), "truncated_rate")
     return DevSuite(lines, prompt_ids, load_contract(params.paths.schema_file), tuple(PREFIX + k for k in keys))
 
 
