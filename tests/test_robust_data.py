@@ -181,8 +181,13 @@ def test_phrasebook_items_bound_the_list(kb, phrasings, low, high, seen):
 def test_phrasebook_items_range_is_checked():
     from tuneline.params import ParamsError, parse_params
 
-    with pytest.raises(ParamsError, match="phrasebook_max_items 2 is below phrasebook_min_items 3"):
+    with pytest.raises(ParamsError, match="phrasebook_max_items 2 is below phrasebook_min_items 3") as raised:
         parse_params({"generate": {"sources": {"template": {"phrasebook_min_items": 3, "phrasebook_max_items": 2}}}})
+    # one problem, reported as one, with what is allowed
+    assert raised.value.problems == [
+        "generate.sources.template: phrasebook_max_items 2 is below phrasebook_min_items 3 "
+        "(allowed: null or at least phrasebook_min_items)"
+    ]
 
 
 def test_uncovered_languages_get_a_short_list_and_a_note(kb, default_examples):

@@ -134,7 +134,7 @@ class TemplateSourceParams(Section):
         if self.phrasebook_max_items is not None and self.phrasebook_max_items < self.phrasebook_min_items:
             raise ValueError(
                 f"phrasebook_max_items {self.phrasebook_max_items} is below phrasebook_min_items "
-                f"{self.phrasebook_min_items}; allowed: null or at least phrasebook_min_items"
+                f"{self.phrasebook_min_items} (allowed: null or at least phrasebook_min_items)"
             )
         return self
 
