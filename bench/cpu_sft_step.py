@@ -39,6 +39,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "completion-logits": {"completion_logits_only": True},
     "reference-syncfree": {"completion_logits_only": False, "sync_free_metrics": True},
     "completion-logits-syncfree": {"completion_logits_only": True, "sync_free_metrics": True},
+    "completion-logits-fused": {"completion_logits_only": True, "fused_lora": True},
+    "completion-logits-fused-syncfree": {"completion_logits_only": True, "fused_lora": True, "sync_free_metrics": True},
     # LoRA on the upper layers only (of SmolLM2-135M's 30): backward stops below the lowest
     # adapted layer. peft takes layers_to_transform only with a list of modules.
     "completion-logits-upper-half": {"completion_logits_only": True, "lora": _upper_layers(15)},

@@ -46,7 +46,7 @@ def override(params: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node.get(part), dict):
             raise SystemExit(f"--grid: {dotted}: no section {part!r} in params.yaml")
         node = node[part]
-    if last not in node:
+    if last not in node and head[-1:] not in (["trainer"], ["extra"]):  # those take any field of their library
         raise SystemExit(f"--grid: {dotted}: no key {last!r} in params.yaml")
     node[last] = value
 
@@ -92,7 +92,7 @@ def workspace(root: Path, name: str, params: dict[str, Any], base: Path | None) 
 
 
 def run_one(root: Path, config: dict[str, Any], defaults: dict[str, Any], common: dict[str, Any],
-            base: Path, threads: int) -> dict[str, Any]:
+            base: Path, threads: int, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
     params = copy.deepcopy(defaults)
     for key, value in {**common, **config.get("set", {})}.items():
         override(params, key, value)
@@ -100,12 +100,14 @@ def run_one(root: Path, config: dict[str, Any], defaults: dict[str, Any], common
     log = ws / "log.txt"
     seconds = {}
     try:
-        for stage in STAGES:
+        for stage in stages:
             seconds[stage] = round(tuneline(stage, ws, log, threads), 1)
     except RuntimeError as exc:
         return {"name": config["name"], "set": config.get("set", {}), "error": str(exc), "seconds": seconds}
     result = {"name": config["name"], "set": config.get("set", {}), "seconds": seconds}
     for stage in ("sft", "dpo"):
+        if stage not in stages:
+            continue
         points = curve(ws, stage)
         result[stage] = {key: pts[-1][1] for key, pts in points.items()}
         result[stage]["curve"] = points.get("schema_valid_rate", [])
@@ -121,7 +123,10 @@ def main() -> None:
     ap.add_argument("--common", default=json.dumps(CURVE), help="JSON overrides for every configuration")
     ap.add_argument("--only", nargs="*", help="names of the grid to run")
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
+    ap.add_argument("--until", choices=STAGES[2:], default=STAGES[-1],
+                    help="the last stage to run (sft: score sft alone, at about two thirds of the time)")
     args = ap.parse_args()
+    stages = STAGES[: STAGES.index(args.until) + 1]
 
     grid = json.loads(Path(args.grid).read_text())
     if args.only:
@@ -137,7 +142,7 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    setup = {"grid": args.grid, "common": common, "jobs": args.jobs, "threads": args.threads,
+    setup = {"grid": args.grid, "common": common, "jobs": args.jobs, "threads": args.threads, "stages": list(stages),
              "device": device, "torch": torch.__version__,
              "score": "the learning curve's last point on the development suite (paths.dev_suite)"}
 
@@ -147,7 +152,8 @@ def main() -> None:
 
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, args.root, c, defaults, common, base, args.threads) for c in grid]
+        futures = [pool.submit(run_one, args.root, c, defaults, common, base, args.threads, stages)
+                   for c in grid]
         for future in concurrent.futures.as_completed(futures):
             r = future.result()
             results.append(r)
@@ -158,12 +164,12 @@ def main() -> None:
     results.sort(key=lambda r: order[r["name"]])
     print(f"\n{'config':<22}{'sft valid':>10}{'sft type':>9}{'sft trunc':>10}{'dpo valid':>10}{'dpo type':>9}"
           f"{'dpo trunc':>10}{'sft s':>7}{'dpo s':>7}")
+    nan = float("nan")
     for r in results:
         if "error" in r:
             print(f"{r['name']:<22} ERROR {r['error']}")
             continue
-        s, d = r["sft"], r["dpo"]
-        nan = float("nan")
+        s, d = r["sft"], r.get("dpo", {})
         print(f"{r['name']:<22}{s.get('schema_valid_rate', nan):>10.2f}{s.get('payload_type_accuracy', nan):>9.2f}"
               f"{s.get('truncated_rate', nan):>10.2f}{d.get('schema_valid_rate', nan):>10.2f}"
               f"{d.get('payload_type_accuracy', nan):>9.2f}{d.get('truncated_rate', nan):>10.2f}"
