@@ -186,3 +186,79 @@ def test_rows_leave_the_batch_when_they_stop_and_the_tokens_are_transformers_own
     for row, end in enumerate(ends):
         count = 12 if end is None else end + 1  # pad after the stop token: no log-prob to compare
         assert logps[row, :count].tolist() == pytest.approx(expected_logps[row, :count].tolist(), rel=1e-5, abs=1e-6)
+
+
+def test_the_decode_cache_is_written_in_place_with_the_dynamic_caches_values(loaded):
+    """``_decode``'s KV cache: each layer's buffer is allocated once (again only when rows
+    leave the batch, then holding only the kept rows) and written in place, and at every step
+    the model reads the same keys and values, and gives the same logits bit for bit, as with
+    transformers' concatenating ``DynamicCache``."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    from tuneline.generation import _preallocated_cache
+
+    ids = loaded.encode(PROMPTS)
+    width = max(map(len, ids))
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(ids):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        attention[row, width - len(prompt):] = 1
+    steps = 5
+    forward = inspect.signature(loaded.model.forward).parameters
+    kwarg = "cache" if "cache" in forward else "past_key_values"
+    ours = _preallocated_cache(loaded.model.config, width + steps)
+    theirs = DynamicCache(config=loaded.model.config)
+    buffers = []
+    step_ids, mask = input_ids, attention
+    positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)
+    with torch.inference_mode():
+        for step in range(steps):
+            logits = [
+                loaded.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{kwarg: cache}).logits
+                for cache in (ours, theirs)
+            ]
+            assert torch.equal(logits[0], logits[1])
+            for a, b in zip(ours.layers, theirs.layers, strict=True):
+                assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+            buffers.append(ours.layers[0].key_buffer.data_ptr())
+            step_ids = logits[1][:, -1:].argmax(-1)
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            positions = positions[:, -1:] + 1
+            if step == 2:  # two rows leave the batch
+                kept = torch.tensor([0, 2, 4])
+                ours.batch_select_indices(kept)
+                theirs.batch_select_indices(kept)
+                step_ids, mask, positions = step_ids[kept], mask[kept], positions[kept]
+                assert ours.layers[0].key_buffer.shape[0] == 3
+    assert ours.get_seq_length() == theirs.get_seq_length() == width + steps - 1
+    # one buffer until the rows left, one after: never a new tensor per step
+    assert len(set(buffers[:3])) == 1 and len(set(buffers[3:])) == 1
+    beyond = torch.zeros((3, ours.layers[0].key_buffer.shape[1], 2, ours.layers[0].key_buffer.shape[-1]))
+    with pytest.raises(RuntimeError, match="written past its end"):
+        ours.update(beyond, beyond, 0)
+
+
+def test_decode_uses_the_preallocated_cache_sized_for_prompt_and_output(loaded, monkeypatch):
+    import torch
+
+    from tuneline import generation
+
+    made = []
+
+    def recording(config, capacity):
+        made.append((capacity, generation_cache := real(config, capacity)))
+        return generation_cache
+
+    real = generation._preallocated_cache
+    monkeypatch.setattr(generation, "_preallocated_cache", recording)
+    ids = loaded.encode(PROMPTS[:2])
+    outputs, _ = generate(loaded, ids, batch_size=2, max_new_tokens=6, progress=False)
+    assert [capacity for capacity, _ in made] == [max(map(len, ids)) + 6]
+    layer = made[0][1].layers[0]
+    assert isinstance(layer.key_buffer, torch.Tensor) and layer.key_buffer.shape[2] == made[0][0]

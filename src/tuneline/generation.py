@@ -11,7 +11,10 @@ knows nothing about the task. Its rules, the same for every caller:
   stop token (``_decode``), so a batch pays per step for the rows still writing, not for
   every row until its longest output ends; the tokens are transformers' greedy
   ``generate``'s on the same batch (tests/test_generation.py). A decode step costs a fixed
-  part plus a part per row, so a larger ``batch_size`` is cheaper per prompt;
+  part plus a part per row, so a larger ``batch_size`` is cheaper per prompt. The KV cache
+  of each full-attention layer is allocated once per batch for the prompt and every new
+  token (``_preallocated_cache``) and written in place, where transformers' dynamic cache
+  copies the whole cache into a new tensor at every step; attention reads the same values;
 - randomness: greedy unless ``do_sample``. Sampling needs a ``seed`` (ValueError without
   one) and draws sample ``j`` of prompt ``i`` from its own CPU ``torch.Generator``, seeded
   with ``sample_seed(seed, i, j)``: the first 8 bytes of
@@ -238,6 +241,66 @@ def generate(
     return results, elapsed
 
 
+def _preallocated_cache(config: Any, capacity: int) -> Any:
+    """transformers' ``DynamicCache`` for ``config`` whose full-attention layers hold their
+    keys and values in tensors of ``capacity`` positions, allocated at the first write and
+    filled in place: the cache the model sees holds the same values at every step, without
+    the copy of every earlier position that a concatenating layer makes per step (O(n^2) in
+    the output length). Layers of any other kind (sliding window, linear attention) are
+    transformers' own."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.length = 0
+
+        def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+            rows, heads, _, _ = key_states.shape
+            self.device = key_states.device
+            self.key_buffer = key_states.new_empty((rows, heads, capacity, key_states.shape[-1]))
+            self.value_buffer = value_states.new_empty((rows, value_states.shape[1], capacity, value_states.shape[-1]))
+            self.is_initialized = True
+
+        def _views(self) -> None:
+            self.keys = self.key_buffer[:, :, : self.length]
+            self.values = self.value_buffer[:, :, : self.length]
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > capacity:
+                raise RuntimeError(f"KV cache of {capacity} positions written past its end ({end})")
+            self.key_buffer[:, :, self.length : end] = key_states
+            self.value_buffer[:, :, self.length : end] = value_states
+            self.length = end
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
+        def batch_select_indices(self, indices: Any) -> None:
+            if self.is_initialized:  # the kept rows' written positions only, into a new buffer
+                for name in ("key_buffer", "value_buffer"):
+                    old = getattr(self, name)
+                    new = old.new_empty((len(indices), *old.shape[1:]))
+                    new[:, :, : self.length] = old[indices, :, : self.length]
+                    setattr(self, name, new)
+                self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("a preallocated decode cache is never cropped")
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            raise NotImplementedError("a preallocated decode cache is never repeated")
+
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 def _decode(
     model: Any,
     input_ids: Any,
@@ -260,10 +323,9 @@ def _decode(
     unused. Returns the new tokens (rows x steps run, ``pad_id`` after a stop) and, with
     ``logprobs``, each token's log-probability under the raw logits."""
     import torch
-    from transformers import DynamicCache
 
     rows, device = input_ids.shape[0], input_ids.device
-    cache = DynamicCache(config=model.config)
+    cache = _preallocated_cache(model.config, input_ids.shape[1] + max_new_tokens)
     # the forward's name for it: ``cache`` in newer transformers, ``past_key_values`` before
     forward = inspect.signature(getattr(model, "get_base_model", lambda: model)().forward).parameters
     cache_kwarg = "cache" if "cache" in forward else "past_key_values"
