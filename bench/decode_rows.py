@@ -18,10 +18,12 @@ repository after ``dvc repro``, or a workspace where ``tuneline base`` ran).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,22 @@ def transformers_loop(loaded: Any, prompt_ids: list[list[int]], batch_size: int,
     return results, elapsed
 
 
+@contextlib.contextmanager
+def concatenating_cache() -> Iterator[None]:
+    """tuneline's decode loop with transformers' plain ``DynamicCache`` (a copy of the whole
+    cache per step) in place of its preallocated one."""
+    from transformers import DynamicCache
+
+    from tuneline import generation
+
+    preallocated = generation._preallocated_cache
+    generation._preallocated_cache = lambda config, capacity: DynamicCache(config=config)
+    try:
+        yield
+    finally:
+        generation._preallocated_cache = preallocated
+
+
 def finished(tokenizer: Any, new: list[int], stops: set[int]) -> tuple[str, int, str]:
     """(text, tokens counted, finish reason) by tuneline.generation's rule: the text ends before
     the first stop token, which is counted; without one every token counts (``length``)."""
@@ -89,6 +107,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="dotted.key=JSON value, e.g. model.dtype='\"float32\"'")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--concat-cache", action="store_true",
+                    help="also time tuneline's loop with transformers' concatenating DynamicCache (the loop before "
+                         "its KV cache was preallocated)")
     args = ap.parse_args()
 
     import torch
@@ -117,16 +138,24 @@ def main() -> None:
     ids = loaded.encode([render(line["instruction"], loaded.format) for line in lines])
     max_new = params.probe.max_new_tokens
     rows = []
+    def as_tuples(outputs: list[Any]) -> list[tuple[str, int, str]]:
+        return [(g.text, g.n_tokens, g.finish_reason) for (g,) in outputs]
+
     for batch_size in args.batch:
         theirs, their_s = transformers_loop(loaded, ids, batch_size, max_new)
+        timed = [("transformers generate", theirs, their_s)]
+        if args.concat_cache:  # the loop as it was, with transformers' concatenating cache
+            with concatenating_cache():
+                concat, concat_s = generate(loaded, ids, batch_size=batch_size, max_new_tokens=max_new, progress=False)
+            timed.append(("tuneline, concatenating cache", as_tuples(concat), concat_s))
         ours, our_s = generate(loaded, ids, batch_size=batch_size, max_new_tokens=max_new, progress=False)
+        timed.append(("tuneline (finished rows leave)", as_tuples(ours), our_s))
         tokens = sum(n for _, n, _ in theirs)
-        same = sum(a == (b.text, b.n_tokens, b.finish_reason) for a, (b,) in zip(theirs, ours, strict=True))
-        for loop, seconds in (("transformers generate", their_s), ("tuneline (finished rows leave)", our_s)):
+        for loop, outputs, seconds in timed:
+            same = sum(a == b for a, b in zip(theirs, outputs, strict=True))
             rows.append({"batch_size": batch_size, "loop": loop, "seconds": round(seconds, 1),
                          "tokens_per_s": round(tokens / seconds, 1), "identical": f"{same}/{len(lines)}"})
-        print(f"batch {batch_size}: transformers {their_s:.1f} s, tuneline {our_s:.1f} s "
-              f"({their_s / our_s:.2f}x), identical {same}/{len(lines)}", flush=True)
+        print(f"batch {batch_size}: " + ", ".join(f"{loop} {seconds:.1f} s" for loop, _, seconds in timed), flush=True)
     device = torch.cuda.get_device_name() if str(loaded.device).startswith("cuda") else cpu_name()
     setup = {"adapter": args.adapter or "base", "prompts": len(lines), "full_suites": args.full,
              "tokens": sum(n for _, n, _ in theirs), "max_new_tokens": max_new, "dtype": str(loaded.model.dtype),
