@@ -18,12 +18,10 @@ repository after ``dvc repro``, or a workspace where ``tuneline base`` ran).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,20 +62,25 @@ def transformers_loop(loaded: Any, prompt_ids: list[list[int]], batch_size: int,
     return results, elapsed
 
 
-@contextlib.contextmanager
-def concatenating_cache() -> Iterator[None]:
-    """tuneline's decode loop with transformers' plain ``DynamicCache`` (a copy of the whole
-    cache per step) in place of its preallocated one."""
-    from transformers import DynamicCache
+def generation_at(rev: str) -> Any:
+    """``tuneline.generation`` as it was at git revision ``rev`` of this repository (or in the
+    file ``rev``), loaded as a module of its own beside today's; it imports the rest of
+    tuneline from today's tree."""
+    import importlib.util
+    import subprocess
+    import sys
 
-    from tuneline import generation
-
-    preallocated = generation._preallocated_cache
-    generation._preallocated_cache = lambda config, capacity: DynamicCache(config=config)
-    try:
-        yield
-    finally:
-        generation._preallocated_cache = preallocated
+    root = Path(__file__).resolve().parents[1]
+    if Path(rev).is_file():  # a copy of that file, where the checkout has no git history
+        source = Path(rev).read_text()
+    else:
+        source = subprocess.run(["git", "show", f"{rev}:src/tuneline/generation.py"], cwd=root, check=True,
+                                capture_output=True, text=True).stdout
+    name = f"tuneline_generation_at_{Path(rev).stem}"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(source, f"generation.py@{rev}", "exec"), module.__dict__)
+    return module
 
 
 def finished(tokenizer: Any, new: list[int], stops: set[int]) -> tuple[str, int, str]:
@@ -107,9 +110,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="dotted.key=JSON value, e.g. model.dtype='\"float32\"'")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--concat-cache", action="store_true",
-                    help="also time tuneline's loop with transformers' concatenating DynamicCache (the loop before "
-                         "its KV cache was preallocated)")
+    ap.add_argument("--before", metavar="REV",
+                    help="also time tuneline's generation loop as it was at this git revision (e.g. 294fa7f, "
+                         "before its KV cache was preallocated), or in this copy of generation.py")
     args = ap.parse_args()
 
     import torch
@@ -138,16 +141,17 @@ def main() -> None:
     ids = loaded.encode([render(line["instruction"], loaded.format) for line in lines])
     max_new = params.probe.max_new_tokens
     rows = []
+    before = generation_at(args.before) if args.before else None
+
     def as_tuples(outputs: list[Any]) -> list[tuple[str, int, str]]:
         return [(g.text, g.n_tokens, g.finish_reason) for (g,) in outputs]
 
     for batch_size in args.batch:
         theirs, their_s = transformers_loop(loaded, ids, batch_size, max_new)
         timed = [("transformers generate", theirs, their_s)]
-        if args.concat_cache:  # the loop as it was, with transformers' concatenating cache
-            with concatenating_cache():
-                concat, concat_s = generate(loaded, ids, batch_size=batch_size, max_new_tokens=max_new, progress=False)
-            timed.append(("tuneline, concatenating cache", as_tuples(concat), concat_s))
+        if before is not None:  # the loop as it was at --before
+            then, then_s = before.generate(loaded, ids, batch_size=batch_size, max_new_tokens=max_new, progress=False)
+            timed.append((f"tuneline at {args.before}", as_tuples(then), then_s))
         ours, our_s = generate(loaded, ids, batch_size=batch_size, max_new_tokens=max_new, progress=False)
         timed.append(("tuneline (finished rows leave)", as_tuples(ours), our_s))
         tokens = sum(n for _, n, _ in theirs)
@@ -157,7 +161,7 @@ def main() -> None:
                          "tokens_per_s": round(tokens / seconds, 1), "identical": f"{same}/{len(lines)}"})
         print(f"batch {batch_size}: " + ", ".join(f"{loop} {seconds:.1f} s" for loop, _, seconds in timed), flush=True)
     device = torch.cuda.get_device_name() if str(loaded.device).startswith("cuda") else cpu_name()
-    setup = {"adapter": args.adapter or "base", "prompts": len(lines), "full_suites": args.full,
+    setup = {"adapter": args.adapter or "base", "before": args.before, "prompts": len(lines), "full_suites": args.full,
              "tokens": sum(n for _, n, _ in theirs), "max_new_tokens": max_new, "dtype": str(loaded.model.dtype),
              "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
              "transformers": __import__("transformers").__version__}
