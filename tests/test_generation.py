@@ -20,6 +20,22 @@ def loaded(noisy_model_dir):
     return modeling.load(noisy_model_dir, parse_params({"model": {"device": "cpu", "dtype": "float32"}}).model)
 
 
+def _left_padded(loaded, prompts):
+    """The prompts encoded and left-padded into one batch, as the generation loop pads them:
+    (input ids, attention mask, pad id)."""
+    import torch
+
+    ids = loaded.encode(prompts)
+    width = max(map(len, ids))
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(ids):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        attention[row, width - len(prompt):] = 1
+    return input_ids, attention, pad
+
+
 def _texts(outputs):
     return [[(g.text, g.finish_reason, g.n_tokens) for g in group] for group in outputs]
 
@@ -156,14 +172,8 @@ def test_rows_leave_the_batch_when_they_stop_and_the_tokens_are_transformers_own
 
     from tuneline.generation import _decode
 
-    ids = loaded.encode(PROMPTS)
-    width = max(map(len, ids))
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(ids):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-        attention[row, width - len(prompt):] = 1
+    input_ids, attention, pad = _left_padded(loaded, PROMPTS)
+    width = input_ids.shape[1]
 
     def reference(stops, steps):
         config = GenerationConfig(max_new_tokens=steps, do_sample=False, eos_token_id=stops, pad_token_id=pad,
@@ -200,14 +210,8 @@ def test_the_decode_cache_is_written_in_place_with_the_dynamic_caches_values(loa
 
     from tuneline.generation import _preallocated_cache
 
-    ids = loaded.encode(PROMPTS)
-    width = max(map(len, ids))
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(ids):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-        attention[row, width - len(prompt):] = 1
+    input_ids, attention, pad = _left_padded(loaded, PROMPTS)
+    width = input_ids.shape[1]
     steps = 5
     forward = inspect.signature(loaded.model.forward).parameters
     kwarg = "cache" if "cache" in forward else "past_key_values"
